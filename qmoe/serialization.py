@@ -1,0 +1,185 @@
+"""save_adapter / load_adapter: small files holding only adapter tensors.
+
+Folder layout: ``adapter_config.json`` (the AdapterConfig under the ``qmoe`` key) and ``adapter.safetensors``
+(keys ``<module name>.<param>``). A ``lora`` adapter is also written in PEFT's format in the same folder:
+``adapter_config.json`` is then at the same time a valid PEFT LoraConfig and ``adapter_model.safetensors``
+holds PEFT key names, so ``peft.PeftModel.from_pretrained`` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from .attach import adapter_config, adapter_layers, attach
+from .config import AdapterConfig
+from .io import atomic_write_bytes, atomic_write_json
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be loaded: missing, corrupt, or not matching the model."""
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, layer in adapter_layers(model).items():
+        for param in layer.adapter_param_names:
+            state[f"{name}.{param}"] = getattr(layer, param).detach().to("cpu").contiguous()
+    return state
+
+
+def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+    """Write the adapter of ``model`` into ``directory`` (each file replaced atomically)."""
+    config = adapter_config(model)
+    if config is None:
+        raise ValueError("no qmoe adapter attached to this model")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = adapter_state_dict(model)
+    meta = {"qmoe": config.to_dict(), "base_model_name_or_path": _base_name(model)}
+    atomic_write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"format": "qmoe"}))
+    if config.method == "lora":
+        peft_state = {
+            _PEFT_PREFIX + key.replace(".lora_A", ".lora_A.weight").replace(".lora_B", ".lora_B.weight"): t
+            for key, t in state.items()
+        }
+        atomic_write_bytes(directory / PEFT_WEIGHTS_FILE, save(peft_state, metadata={"format": "pt"}))
+        meta = {**_peft_config_dict(model, config), **meta}
+    atomic_write_json(directory / CONFIG_FILE, meta)
+    return directory
+
+
+def _base_name(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_name_or_path", None) or None
+
+
+def _peft_config_dict(model: nn.Module, config: AdapterConfig) -> dict:
+    from peft import LoraConfig
+
+    names = list(adapter_layers(model))
+    if isinstance(config.target_modules, list) and config.target_modules != ["all-linear"]:
+        targets = sorted({n.rsplit(".", 1)[-1] for n in names})
+    else:  # regex / all-linear: name the adapted modules exactly
+        targets = "^(" + "|".join(n.replace(".", r"\.") for n in names) + ")$"
+    peft_cfg = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=_base_name(model),
+    )
+    d = peft_cfg.to_dict()
+    return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+
+def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig, bool, dict]:
+    """(config, is_peft_only, raw json) of an adapter folder; AdapterError naming the file when unusable."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise AdapterError(f"adapter folder not found: {directory}")
+    if not path.is_file():
+        raise AdapterError(f"{path} is missing: not an adapter folder")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path} is corrupt or truncated ({exc})") from None
+    if "qmoe" in raw:
+        try:
+            return AdapterConfig(**raw["qmoe"]), False, raw
+        except ValueError as exc:
+            raise AdapterError(f"{path}: invalid qmoe adapter config: {exc}") from None
+    if str(raw.get("peft_type", "")).upper() == "LORA":
+        targets = raw.get("target_modules") or ["q_proj", "v_proj"]
+        if isinstance(targets, (set, tuple)):
+            targets = list(targets)
+        cfg = AdapterConfig(method="lora", r=raw["r"], alpha=raw.get("lora_alpha", raw["r"]),
+                            dropout=raw.get("lora_dropout", 0.0), target_modules=targets)
+        return cfg, True, raw
+    raise AdapterError(f"{path} is neither a qmoe adapter nor a PEFT LoRA adapter")
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise AdapterError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{path} is corrupt or truncated ({exc})") from None
+
+
+def load_adapter(model: nn.Module, directory: str | Path, config: AdapterConfig | None = None) -> nn.Module:
+    """Load an adapter folder into ``model`` (attaching the folder's config first if needed).
+
+    A PEFT LoRA folder loads into a ``lora`` model, or warm-starts the LoRA part of a ``loracoe`` model
+    (LoRACoE's upcycling of an existing LoRA); pass ``config`` to attach LoRACoE to a bare model first.
+    """
+    directory = Path(directory)
+    folder_cfg, peft_only, raw = read_adapter_config(directory)
+    if adapter_config(model) is None:
+        attach(model, config or folder_cfg)
+    current = adapter_config(model)
+    layers = adapter_layers(model)
+    if peft_only:
+        _load_peft(layers, current, raw, _load_tensors(directory / PEFT_WEIGHTS_FILE), directory)
+        return model
+    if folder_cfg.method != current.method:
+        raise AdapterError(f"{directory} holds a {folder_cfg.method} adapter but the model has {current.method}")
+    state = _load_tensors(directory / WEIGHTS_FILE)
+    expected = {f"{n}.{p}": (layer, p) for n, layer in layers.items() for p in layer.adapter_param_names}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(
+            f"{directory / WEIGHTS_FILE} does not match this model: missing {missing[:3]}"
+            f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"
+        )
+    for key, (layer, param) in expected.items():
+        _copy_into(getattr(layer, param), state[key], key, directory / WEIGHTS_FILE)
+    return model
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor, key: str, path: Path) -> None:
+    if param.shape != value.shape:
+        raise AdapterError(
+            f"{path}: layer {key} has shape {tuple(value.shape)} in the file but {tuple(param.shape)} in the model "
+            "(different base model or adapter config?)"
+        )
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+def _load_peft(layers, current: AdapterConfig, raw: dict, state: dict, directory: Path) -> None:
+    if current.method not in ("lora", "loracoe"):
+        raise AdapterError(f"a PEFT LoRA adapter can load into lora or loracoe models, not {current.method}")
+    r = raw["r"]
+    alpha = raw.get("lora_alpha", r)
+    peft_scale = alpha / math.sqrt(r) if raw.get("use_rslora") else alpha / r
+    path = directory / PEFT_WEIGHTS_FILE
+    found = 0
+    for name, layer in layers.items():
+        key_a, key_b = f"{_PEFT_PREFIX}{name}.lora_A.weight", f"{_PEFT_PREFIX}{name}.lora_B.weight"
+        if key_a not in state:  # PEFT versions that keep the adapter name in keys
+            key_a, key_b = key_a.replace(".weight", ".default.weight"), key_b.replace(".weight", ".default.weight")
+        if key_a not in state:
+            continue
+        found += 1
+        _copy_into(layer.lora_A, state[key_a], f"{name}.lora_A", path)
+        # keep the warm-started function identical even if our alpha/r differs from the PEFT one
+        _copy_into(layer.lora_B, state[key_b] * (peft_scale / layer.scale), f"{name}.lora_B", path)
+    if found == 0:
+        raise AdapterError(f"{path} holds no LoRA weights for this model's adapted layers")

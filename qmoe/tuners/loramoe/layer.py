@@ -1,0 +1,51 @@
+"""Partition-based LoRAMoE (LoRACoE paper §2.3, eq. 4-5): the rank-r LoRA split into N experts of rank r/N,
+mixed by a dense softmax gate: delta = (alpha/r) * sum_i g_i(x) B_i A_i x.
+
+Batched: the experts' A are the rows of one [r, in] matrix and their B the columns of one [out, r] matrix,
+so the gate is applied in rank space (each expert's gate repeated over its r/N ranks) between two matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..base import AdapterLayer
+
+
+class LoraMoELayer(AdapterLayer):
+    adapter_param_names = ("lora_A", "lora_B", "router")
+    routed = True
+
+    def __init__(self, base_layer, config, context):
+        super().__init__(base_layer, config, context)
+        self.lora_A = self._new_param(config.r, self.in_features)
+        self.lora_B = self._new_param(self.out_features, config.r)
+        self.router = self._new_param(config.num_experts, self.in_features)
+        self._kaiming_(self.lora_A)
+        self._kaiming_(self.router)
+        if not config.init_lora_weights:
+            self._kaiming_(self.lora_B)
+
+    def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rank activations A x [T, r], gate probabilities [T, N]) from one matmul of x with [A; router]."""
+        r = self.config.r
+        z = F.linear(x, torch.cat([self.lora_A, self.router], 0))
+        return z[:, :r], torch.softmax(z[:, r:].float(), dim=-1).to(x.dtype)
+
+    def delta(self, x, valid):
+        n, r = self.config.num_experts, self.config.r
+        h, probs = self.gate(x)
+        self._telemetry(probs, valid)
+        gated = h * probs.repeat_interleave(r // n, dim=-1)
+        return F.linear(gated, self.lora_B) * self.scale
+
+    def _telemetry(self, probs: torch.Tensor, valid) -> None:
+        with torch.no_grad():
+            p = probs if valid is None else probs[valid]
+            n = self.config.num_experts
+            counts = torch.bincount(p.argmax(-1), minlength=n) if p.numel() else torch.zeros(n, dtype=torch.long)
+            load = p.float().mean(0) if p.shape[0] else torch.full((n,), 1.0 / n)
+            self._record(counts, load, p.shape[0])
+            if self.context.trace and not torch.is_grad_enabled():
+                self.trace_records.append({"weights": probs.float().cpu()})
