@@ -1,17 +1,60 @@
-"""The ``qmoe`` command. Subcommands are added by the pipeline (finetune, eval, chat), bench and ui."""
+"""The ``qmoe`` command: a thin dispatcher. Each subcommand lives in its own module exposing
+``add_arguments(parser)`` and ``run(args) -> int`` and is imported only when used (fast ``--help``)."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "finetune": ("qmoe.commands.finetune", "fine-tune a 4-bit model with an adapter recipe"),
+    "eval": ("qmoe.commands.evaluate", "evaluate a run or adapter folder (or the base model)"),
+    "chat": ("qmoe.commands.chat", "chat with a tuned model in the terminal, optionally showing routing"),
+    "bench": ("qmoe.commands.bench", "benchmark adapter layers and training steps against PEFT LoRA"),
+    "compare": ("qmoe.commands.compare", "train and evaluate several recipes, write RESULTS.md"),
+    "ui": ("qmoe.commands.ui", "start the Gradio web UI"),
+}
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qmoe", description="Mixture-of-LoRA-experts fine-tuning on 4-bit LLMs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            p.set_defaults(_missing=True)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: qmoe {finetune,eval,chat,bench,ui} ...")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
         return 0
-    print(f"qmoe: unknown command {argv[0]!r}", file=sys.stderr)
-    return 2
+    if getattr(args, "_missing", False):
+        print(f"qmoe {args.command}: not available in this build", file=sys.stderr)
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UsageError as exc:
+        print(f"qmoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qmoe {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

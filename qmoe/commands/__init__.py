@@ -1,0 +1,1 @@
+"""One module per `qmoe` subcommand (see qmoe/cli.py)."""
