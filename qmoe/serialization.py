@@ -2,8 +2,8 @@
 
 Folder layout: ``adapter_config.json`` (the AdapterConfig under the ``qmoe`` key) and ``adapter.safetensors``
 (keys ``<module name>.<param>``). A ``lora`` adapter is also written in PEFT's format in the same folder:
-``adapter_config.json`` is then at the same time a valid PEFT LoraConfig and ``adapter_model.safetensors``
-holds PEFT key names, so ``peft.PeftModel.from_pretrained`` loads it.
+``adapter_config.json`` is then PEFT's LoraConfig (from which qmoe rebuilds its config) and
+``adapter_model.safetensors`` holds PEFT key names, so ``peft.PeftModel.from_pretrained`` loads it.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
             for key, t in state.items()
         }
         atomic_write_bytes(directory / PEFT_WEIGHTS_FILE, save(peft_state, metadata={"format": "pt"}))
-        meta = {**_peft_config_dict(model, config), **meta}
+        # a plain PEFT LoraConfig (PEFT warns on foreign keys); read_adapter_config rebuilds ours from it
+        meta = _peft_config_dict(model, config)
     atomic_write_json(directory / CONFIG_FILE, meta)
     return directory
 
@@ -109,7 +110,8 @@ def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig, bool, dic
             targets = list(targets)
         cfg = AdapterConfig(method="lora", r=raw["r"], alpha=raw.get("lora_alpha", raw["r"]),
                             dropout=raw.get("lora_dropout", 0.0), target_modules=targets)
-        return cfg, True, raw
+        # qmoe's own lora folders carry adapter.safetensors beside PEFT's file
+        return cfg, not (directory / WEIGHTS_FILE).is_file(), raw
     raise AdapterError(f"{path} is neither a qmoe adapter nor a PEFT LoRA adapter")
 
 

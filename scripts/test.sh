@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up everything the tests need on a fresh machine, then run them. CI's .ci/run calls this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# Debian's Chromium for the browser end-to-end test of the UI (no browser download: Playwright drives it)
+if [ -f scripts/install_browser.sh ]; then bash scripts/install_browser.sh; fi
+export QMOE_CACHE="${QMOE_CACHE:-$HOME/.cache/qmoe}"
+.venv/bin/python -m pytest "$@"
