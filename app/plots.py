@@ -37,7 +37,7 @@ def short_layer_name(name: str) -> str:
     return name.removeprefix("model.")
 
 
-def _empty(message: str, size=(8, 3)) -> Figure:
+def empty_figure(message: str, size=(8, 3)) -> Figure:
     fig = Figure(figsize=size, layout="constrained")
     ax = fig.add_subplot()
     ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=12, color="#555")
@@ -58,7 +58,7 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 def training_curves(records: list[dict], title: str = "") -> Figure:
     """Four panels over optimizer steps: losses, auxiliary losses, learning rate, throughput and memory."""
     if not records:
-        return _empty("no metrics yet: the first line appears after `train.logging_steps` steps", (11, 6))
+        return empty_figure("no metrics yet: the first line appears after `train.logging_steps` steps", (11, 6))
     fig = Figure(figsize=(11, 6.5), layout="constrained")
     axes = fig.subplots(2, 2)
     ax = axes[0, 0]
@@ -114,7 +114,7 @@ def load_matrix(expert_load: dict[str, list[float]]) -> tuple[list[str], np.ndar
 def load_heatmap(expert_load: dict[str, list[float]], step, method: str | None = None) -> Figure:
     """Layers × experts heatmap of the fraction of routed tokens (or, for LoRACoE, mean rank weights)."""
     if not expert_load:
-        return _empty("no expert load recorded (plain LoRA has no router)")
+        return empty_figure("no expert load recorded (plain LoRA has no router)")
     names, matrix = load_matrix(expert_load)
     coe = method == "loracoe"
     height = min(2.0 + 0.22 * len(names), 30)
@@ -167,7 +167,7 @@ def imbalance_figure(expert_load: dict[str, list[float]], method: str | None = N
     """Bar chart of the per-layer coefficient of variation; layers with collapsed experts in red."""
     rows = imbalance_rows(expert_load)
     if not rows:
-        return _empty("no expert load recorded", (8, 2.5))
+        return empty_figure("no expert load recorded", (8, 2.5))
     fig = Figure(figsize=(8, min(1.5 + 0.2 * len(rows), 30)), layout="constrained")
     ax = fig.add_subplot()
     colors = ["#d62728" if r[4] == "collapsed experts" else ("#ff7f0e" if r[4] == "imbalanced" else "#2ca02c") for r in rows]
@@ -184,7 +184,7 @@ def imbalance_figure(expert_load: dict[str, list[float]], method: str | None = N
 def compare_curves(runs: dict[str, list[dict]]) -> Figure:
     """Loss curves of several runs overlaid (total loss solid, LM loss dashed)."""
     if not runs:
-        return _empty("select two or more runs")
+        return empty_figure("select two or more runs")
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     ax_total, ax_lm = fig.subplots(1, 2, sharey=True)
     for i, (name, records) in enumerate(runs.items()):

@@ -128,9 +128,10 @@ class RunManager:
         # the contract: `qmoe finetune RUN_DIR` trains the run directory's recipe.yaml into that directory
         return [self.python, "-m", "qmoe.cli", "finetune", str(run_dir)]
 
-    def launch(self, prefix: str, recipe_yaml: str, env: dict | None = None) -> str:
-        """Write ``recipe_yaml`` into a new run directory and start training there. Returns the run name."""
-        run_dir = self.new_run_dir(prefix)
+    def launch_in(self, run_dir: Path, recipe_yaml: str, env: dict | None = None) -> str:
+        """Write ``recipe_yaml`` into ``run_dir`` (fresh, from :meth:`new_run_dir`) and start training
+        there. Returns the run name."""
+        run_dir = self.run_dir(Path(run_dir).name)
         atomic_write_text(run_dir / "recipe.yaml", recipe_yaml)
         command = self.finetune_command(run_dir)
         child_env = dict(os.environ if env is None else env)

@@ -1,0 +1,304 @@
+"""Chat tab: talk to a finished run (or a base model alone) with streaming replies, and see under each
+reply which expert every token went to: tokens coloured by their top expert at a chosen layer, and for a
+selected token its layers × experts routing weights. The routing is what ``qmoe.trace_routing`` recorded
+during the generation's own forward passes (prompt pass + one pass per generated token), not recomputed.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import gradio as gr
+import numpy as np
+import torch
+
+import qmoe
+from qmoe.recipe import load_recipe
+
+from .context import UIContext
+from .paths import UnsafePathError
+from .plots import empty_figure, expert_color, short_layer_name, token_heatmap
+
+BASE_PREFIX = "base:"
+RUN_PREFIX = "run:"
+
+
+@dataclass
+class ChatModel:
+    key: str
+    model: object
+    tokenizer: object
+    device: str
+    method: str | None  # None: base model without adapter
+
+
+@dataclass
+class Routing:
+    """Routing of one reply: token texts and, per routed layer, weights [tokens, experts] (NaN rows for
+    tokens that were never fed through the model, i.e. the last generated one)."""
+
+    tokens: list[str] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    method: str | None = None
+    prompt_tokens: int = 0
+
+
+class ChatModels:
+    """Keeps one loaded model (the last one chosen) and serialises generation on it."""
+
+    def __init__(self, ctx: UIContext):
+        self.ctx = ctx
+        self.current: ChatModel | None = None
+        self.lock = threading.Lock()
+
+    def choices(self) -> list[tuple[str, str]]:
+        items = []
+        for name in self.ctx.runs.list_runs():
+            try:
+                if self.ctx.runs.adapter_dir(name) is not None:
+                    items.append((f"run {name}", RUN_PREFIX + name))
+            except (OSError, UnsafePathError):
+                continue
+        items += [(f"base model only: {source}", BASE_PREFIX + source) for source in self.ctx.model_choices()]
+        return items
+
+    def load(self, key: str) -> ChatModel:
+        """The model for a dropdown value; loads it (replacing the previous one) when needed. Called with
+        ``self.lock`` held."""
+        if self.current is not None and self.current.key == key:
+            return self.current
+        from qmoe.models import load_base_model
+
+        from .paths import resolve_model_source
+
+        if key.startswith(RUN_PREFIX):
+            name = key[len(RUN_PREFIX):]
+            adapter = self.ctx.runs.adapter_dir(name)
+            if adapter is None:
+                raise UnsafePathError(f"run {name} has no saved adapter yet (it is not finished)")
+            recipe = load_recipe(self.ctx.runs.run_dir(name) / "recipe.yaml")
+            m = recipe.model
+            self.current = None  # free the previous model before loading the next
+            model, tokenizer, device = load_base_model(m.source, m.quantization, m.compute_dtype, m.device)
+            qmoe.load_adapter(model, adapter)
+            method = qmoe.adapter_config(model).method
+        elif key.startswith(BASE_PREFIX):
+            source = resolve_model_source(key[len(BASE_PREFIX):], self.ctx.models_dir)
+            self.current = None
+            model, tokenizer, device = load_base_model(source)
+            method = None
+        else:
+            raise UnsafePathError(f"unknown chat model {key!r}")
+        model.eval()
+        self.current = ChatModel(key, model, tokenizer, device, method)
+        return self.current
+
+
+def _prompt_inputs(chat: ChatModel, messages: list[dict]) -> dict:
+    encoded = chat.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    return {k: v.to(chat.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+
+
+def collect_routing(chat: ChatModel, token_ids: list[int], prompt_len: int) -> Routing:
+    """Per-token weights from the traced forwards of one generation. With the KV cache, the first
+    forward covers the prompt and each later one the previous generated token, so the traces concatenate
+    to one row per token except the last generated token (never fed back)."""
+    texts = [chat.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+    routing = Routing(tokens=texts, method=chat.method, prompt_tokens=prompt_len)
+    if chat.method is None:
+        return routing
+    for layer, info in qmoe.routing(chat.model).items():
+        traces = info["trace"]
+        if not traces:
+            continue
+        rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in traces]).numpy()
+        if rows.shape[0] > len(token_ids) and traces[-1].shape[0] <= len(token_ids):
+            rows = traces[-1].numpy()  # a generation without KV cache re-feeds every token each pass
+        full = np.full((len(token_ids), rows.shape[1]), np.nan, dtype=np.float32)
+        n = min(len(token_ids), rows.shape[0])
+        full[:n] = rows[:n]
+        routing.layers.append(layer)
+        routing.weights[layer] = full
+    return routing
+
+
+def expert_word(method: str | None) -> str:
+    return "rank" if method == "loracoe" else "expert"
+
+
+def highlighted_tokens(routing: Routing, layer: str | None) -> tuple[list[tuple[str, str | None]], dict]:
+    """(token, label) pairs for gr.HighlightedText and the label -> colour map (the legend)."""
+    if not routing.tokens:
+        return [], {}
+    word = expert_word(routing.method)
+    if layer not in routing.weights:
+        return [(t, None) for t in routing.tokens], {}
+    weights = routing.weights[layer]
+    pairs = []
+    for text, row in zip(routing.tokens, weights):
+        pairs.append((text, None if np.isnan(row).all() else f"{word} {int(np.nanargmax(row))}"))
+    colors = {f"{word} {e}": expert_color(e) for e in range(weights.shape[1])}
+    return pairs, colors
+
+
+def build_chat_tab(ctx: UIContext) -> dict:
+    models = ChatModels(ctx)
+    choices = models.choices()
+    gr.Markdown(
+        "Chat with a finished run's adapter (or the base model alone). Under each reply: the prompt and the "
+        "reply's tokens coloured by their top expert at the chosen layer, as routed during generation. "
+        "Click a token to see its routing weights in every layer."
+    )
+    with gr.Row():
+        model_choice = gr.Dropdown(choices=choices, value=choices[0][1] if choices else None,
+                                   label="Model", elem_id="chat-model", scale=3)
+        max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens", scale=1)
+        temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)", scale=1)
+    chatbot = gr.Chatbot(label="Conversation", elem_id="chat-history", height=320)
+    with gr.Row():
+        message = gr.Textbox(placeholder="Ask something…", show_label=False, scale=5, elem_id="chat-input")
+        send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+        clear = gr.Button("Clear", scale=1)
+    status = gr.Markdown(elem_id="chat-status")
+    gr.Markdown("### Routing of the last reply")
+    layer = gr.Dropdown(choices=[], label="Layer", elem_id="chat-layer")
+    tokens_view = gr.HighlightedText(label="Tokens coloured by top expert (prompt, then reply)", show_legend=True,
+                                     show_inline_category=False, combine_adjacent=False, elem_id="chat-routing",
+                                     interactive=False)
+    with gr.Row():
+        token_index = gr.Number(value=None, precision=0, label="Selected token # (or click a token above)",
+                                elem_id="chat-token-index", scale=1)
+        token_plot = gr.Plot(label="Routing weights of the selected token (layers × experts)", format="png",
+                             elem_id="chat-token-heatmap", scale=4)
+    routing_state = gr.State(Routing())
+
+    def respond(key, text, history, max_tokens, temp):
+        history = list(history or [])
+        text = (text or "").strip()
+        if not text:
+            yield history, gr.skip(), "type a message first", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        if not key:
+            yield history, gr.skip(), "❌ choose a model first", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        history.append({"role": "user", "content": text})
+        yield history, "", "⏳ loading the model and generating…", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        try:
+            with models.lock:
+                chat = models.load(key)
+                yield from _generate(chat, history, int(max_tokens), float(temp))
+        except Exception as exc:  # noqa: BLE001 - shown to the user; the UI must keep serving
+            message_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            yield history, gr.skip(), f"❌ {message_line}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+
+    def _generate(chat: ChatModel, history, max_tokens, temp):
+        from transformers import TextIteratorStreamer
+
+        messages = [{"role": m["role"], "content": _content_text(m["content"])} for m in history]
+        inputs = _prompt_inputs(chat, messages)
+        streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(**inputs, max_new_tokens=max_tokens, streamer=streamer, use_cache=True,
+                      pad_token_id=chat.tokenizer.pad_token_id)
+        kwargs.update(do_sample=True, temperature=temp) if temp > 0 else kwargs.update(do_sample=False)
+        result = {}
+
+        def run():
+            try:
+                with torch.no_grad():
+                    if chat.method is None:
+                        result["ids"] = chat.model.generate(**kwargs)
+                    else:
+                        with qmoe.trace_routing(chat.model):
+                            result["ids"] = chat.model.generate(**kwargs)
+            except Exception as exc:  # noqa: BLE001 - re-raised in the request thread below
+                result["error"] = exc
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        history = history + [{"role": "assistant", "content": ""}]
+        reply = ""
+        for piece in streamer:
+            reply += piece
+            history[-1] = {"role": "assistant", "content": reply}
+            yield history, gr.skip(), "⏳ generating…", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        prompt_len = inputs["input_ids"].shape[1]
+        ids = result["ids"][0].tolist()
+        routing = collect_routing(chat, ids, prompt_len)
+        generated = len(ids) - prompt_len
+        if not routing.layers:
+            note = "no router: base model" if chat.method is None else f"no router: {chat.method} has no experts"
+            yield (history, gr.skip(), f"✅ {generated} tokens · {note}", routing,
+                   gr.update(choices=[], value=None), [], gr.skip(), None)
+            return
+        first = routing.layers[0]
+        pairs, colors = highlighted_tokens(routing, first)
+        selected = prompt_len  # the first generated token
+        yield (
+            history,
+            gr.skip(),
+            f"✅ {generated} tokens generated · routing recorded in {len(routing.layers)} layers",
+            routing,
+            gr.update(choices=[(short_layer_name(n), n) for n in routing.layers], value=first),
+            gr.update(value=pairs, color_map=colors),
+            _token_figure(routing, selected),
+            selected,
+        )
+
+    def change_layer(routing: Routing, name):
+        pairs, colors = highlighted_tokens(routing, name)
+        return gr.update(value=pairs, color_map=colors)
+
+    def select_token(routing: Routing, event: gr.SelectData):
+        index = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
+        return _token_figure(routing, int(index)), int(index)
+
+    def show_token(routing: Routing, index):
+        if index is None:
+            return gr.skip()
+        return _token_figure(routing, int(index))
+
+    outputs = [chatbot, message, status, routing_state, layer, tokens_view, token_plot, token_index]
+    inputs = [model_choice, message, chatbot, max_new_tokens, temperature]
+    send.click(respond, inputs, outputs, api_name="chat")
+    message.submit(respond, inputs, outputs, api_visibility="private")
+    clear.click(lambda: ([], Routing(), gr.update(choices=[], value=None), [], None, None, ""),
+                None, [chatbot, routing_state, layer, tokens_view, token_plot, token_index, status],
+                api_visibility="private")
+    layer.input(change_layer, [routing_state, layer], tokens_view, api_visibility="private")
+    tokens_view.select(select_token, routing_state, [token_plot, token_index], api_visibility="private")
+    token_index.submit(show_token, [routing_state, token_index], token_plot, api_name="token_routing")
+
+    def refresh_choices(current):
+        items = models.choices()
+        values = [v for _, v in items]
+        return gr.update(choices=items, value=current if current in values else (values[0] if values else None))
+
+    return {"model": model_choice, "refresh_choices": refresh_choices}
+
+
+def _content_text(content) -> str:
+    """Chatbot messages may carry structured content (Gradio 6: a list of parts); keep the text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return str(content)
+
+
+def _token_figure(routing: Routing, index: int):
+    if not routing.layers or not 0 <= index < len(routing.tokens):
+        return None
+    matrix = np.stack([routing.weights[n][index] for n in routing.layers])
+    if np.isnan(matrix).all():
+        return empty_figure(f"token #{index} {routing.tokens[index]!r} ended the reply: it was never fed through the model")
+    return token_heatmap(matrix, routing.layers, routing.tokens[index], index)

@@ -1,0 +1,75 @@
+"""The qmoe web UI: assembles the four tabs into one Gradio app.
+
+``qmoe ui`` calls :func:`launch`. For development with auto-reload run ``gradio app/main.py`` from the
+repository root (it serves the module-level ``demo``; set ``QMOE_RUNS_DIR`` to choose the runs folder).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # executed as a script by `gradio app/main.py`: make `app` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gradio as gr  # noqa: E402
+
+from app.chat_tab import build_chat_tab  # noqa: E402
+from app.compare_tab import build_compare_tab  # noqa: E402
+from app.context import UIContext  # noqa: E402
+from app.monitor_tab import build_monitor_tab  # noqa: E402
+from app.paths import default_models_dir, default_runs_dir  # noqa: E402
+from app.runs import RunManager  # noqa: E402
+from app.train_tab import build_train_tab  # noqa: E402
+
+CSS_PATH = Path(__file__).with_name("style.css")
+
+
+def build_app(runs_dir: str | Path | None = None, models_dir: str | Path | None = None) -> gr.Blocks:
+    ctx = UIContext(
+        runs=RunManager(runs_dir or default_runs_dir()),
+        models_dir=Path(models_dir).resolve() if models_dir else default_models_dir(),
+    )
+    with gr.Blocks(title="qmoe") as demo:
+        gr.Markdown("# qmoe · mixture-of-LoRA-experts fine-tuning on 4-bit models")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train = build_train_tab(ctx)
+            with gr.Tab("Monitor", id="monitor", elem_id="tab-monitor") as monitor_tab:
+                monitor = build_monitor_tab(ctx)
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat") as chat_tab:
+                chat = build_chat_tab(ctx)
+            with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare_tab:
+                compare = build_compare_tab(ctx)
+        # a run launched in the Train tab becomes the Monitor tab's selection
+        train["launched_run"].change(
+            lambda name, choices=None: gr.update(choices=ctx.runs.list_runs(), value=name) if name else gr.skip(),
+            train["launched_run"], monitor["run"], api_visibility="private",
+        )
+        monitor_tab.select(lambda current: gr.update(choices=ctx.runs.list_runs(), value=current),
+                           monitor["run"], monitor["run"], api_visibility="private")
+        chat_tab.select(chat["refresh_choices"], chat["model"], chat["model"], api_visibility="private")
+        compare_tab.select(compare["refresh_choices"], compare["runs"], compare["runs"], api_visibility="private")
+    demo.qmoe_context = ctx  # tests and `qmoe ui` read the resolved folders from here
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **kwargs):
+    """Serve ``demo``; returns Gradio's (app, local url, share url)."""
+    return demo.launch(
+        server_name=host,
+        server_port=port,
+        css_paths=[CSS_PATH] if CSS_PATH.is_file() else None,
+        footer_links=["api", "gradio"],
+        **kwargs,
+    )
+
+
+# `gradio app/main.py` (auto-reload) runs this file and re-executes it on every change, serving `demo`;
+# a plain import (qmoe ui, tests) builds nothing
+if __name__ == "__main__" or os.environ.get("GRADIO_WATCH_DEMO_PATH"):
+    demo = build_app()
+
+if __name__ == "__main__":
+    launch(demo)

@@ -1,0 +1,206 @@
+"""Train tab: pick a shipped recipe, edit the fields that matter, preview the resolved YAML, launch
+``qmoe finetune`` as a subprocess, stop it, and see every run's state."""
+
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from qmoe.config import METHODS
+
+from .context import UIContext
+from .paths import UnsafePathError, list_recipes
+from .recipe_form import FIELDS, RecipeError, build_recipe, field_info, method_field_values, method_uses, recipe_form_values
+
+RUN_HEADERS = ["run", "state", "step", "method", "started", "last error"]
+STATE_ICONS = {"running": "🟢", "starting": "🟡", "stopping": "🟠", "finished": "✅", "failed": "❌", "stopped": "⏹️"}
+
+
+def runs_table(ctx: UIContext) -> list[list]:
+    rows = []
+    for name in ctx.runs.list_runs():
+        try:
+            info = ctx.runs.status(name)
+        except (OSError, UnsafePathError):
+            continue
+        step = info.get("step")
+        max_steps = info.get("max_steps")
+        progress = "" if step is None else (f"{step}/{max_steps}" if max_steps else str(step))
+        started = info.get("started")
+        if isinstance(started, (int, float)):
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+        state = info["state"]
+        rows.append([
+            name,
+            f"{STATE_ICONS.get(state, '')} {state}".strip(),
+            progress,
+            info.get("method") or "",
+            started or "",
+            info.get("error") or "",
+        ])
+    return rows
+
+
+def _form_dict(values) -> dict:
+    return {field.key: value for field, value in zip(FIELDS, values)}
+
+
+def _ok(message: str) -> str:
+    return f"✅ {message}"
+
+
+def _refused(message: str) -> str:
+    return f"❌ **Refused:** {message}"
+
+
+def build_train_tab(ctx: UIContext) -> dict:
+    """Lay out the tab (inside an open ``gr.Tab``) and wire its events; returns the components other tabs
+    link to."""
+    recipes = list_recipes()
+    first = recipes[0] if recipes else None
+    _, initial = recipe_form_values(first) if first else (None, {})
+    method0 = initial.get("adapter.method", "moelora")
+    inputs: dict[str, gr.components.Component] = {}
+
+    def make(field, **extra):
+        value = initial.get(field.key)
+        info = field_info(field.key, method0)
+        common = dict(label=field.label, info=info, elem_id=f"field-{field.key.replace('.', '-')}")
+        if field.key == "model.source":
+            return gr.Dropdown(choices=ctx.model_choices(), value=value, allow_custom_value=True, **common)
+        if field.kind == "choice":
+            return gr.Dropdown(choices=list(METHODS), value=value, **common)
+        if field.kind == "bool":
+            return gr.Checkbox(value=bool(value), **common)
+        if field.kind == "int":
+            return gr.Number(value=value, precision=0, **common, **extra)
+        return gr.Number(value=value, **common, **extra)
+
+    gr.Markdown(
+        "Start a fine-tune without writing YAML: choose a shipped recipe, adjust the fields below (each shows "
+        "its valid range and default), preview the resolved recipe, launch. Training runs as a separate "
+        f"process in `{ctx.runs.runs_dir}`: closing the browser does not stop it."
+    )
+    with gr.Row():
+        recipe = gr.Dropdown(choices=recipes, value=first, label="Recipe (from recipes/)", elem_id="train-recipe", scale=2)
+        reload_button = gr.Button("Reset fields to the recipe", scale=1)
+    groups = (
+        ("Model and adapter", ("model.", "adapter.")),
+        ("Optimization", ("train.",)),
+        ("Data and evaluation", ("data.", "eval.")),
+    )
+    with gr.Row():
+        for title, prefixes in groups:
+            with gr.Column():
+                gr.Markdown(f"#### {title}")
+                for field in FIELDS:
+                    if field.key.startswith(prefixes):
+                        component = make(field)
+                        if field.key.startswith("adapter.") and field.key != "adapter.method":
+                            component.visible = method_uses(method0, field.key.split(".", 1)[1]) or field.key in (
+                                "adapter.r", "adapter.alpha")
+                        inputs[field.key] = component
+    form = [inputs[f.key] for f in FIELDS]
+    with gr.Row():
+        preview_button = gr.Button("Preview resolved YAML", elem_id="train-preview")
+        launch_button = gr.Button("Launch training", variant="primary", elem_id="train-launch")
+    message = gr.Markdown(elem_id="train-message")
+    with gr.Accordion("Resolved recipe (what qmoe finetune will run)", open=False) as preview_box:
+        preview = gr.Code(language="yaml", label="recipe.yaml", elem_id="train-yaml", interactive=False)
+
+    gr.Markdown("### Runs")
+    runs = gr.Dataframe(value=runs_table(ctx), headers=RUN_HEADERS, interactive=False, wrap=True,
+                        elem_id="train-runs", label="Runs (refreshes every few seconds)")
+    with gr.Row():
+        run_choice = gr.Dropdown(choices=ctx.runs.list_runs(), label="Run", elem_id="train-run-choice", scale=3)
+        stop_button = gr.Button("Stop run (SIGTERM, saves a checkpoint)", variant="stop", elem_id="train-stop", scale=1)
+    stop_message = gr.Markdown()
+    log_tail = gr.Textbox(label="Log tail of the selected run", lines=8, max_lines=16, interactive=False,
+                          elem_id="train-log")
+
+    # ---- events ------------------------------------------------------------------------------------------
+    def load_recipe_fields(name):
+        try:
+            _, values = recipe_form_values(name)
+        except (RecipeError, UnsafePathError) as exc:
+            return [gr.skip()] * len(FIELDS) + [_refused(str(exc))]
+        method = values["adapter.method"]
+        updates = []
+        for field in FIELDS:
+            if field.key.startswith("adapter.") and field.key != "adapter.method":
+                name_ = field.key.split(".", 1)[1]
+                updates.append(gr.update(value=values[field.key], info=field_info(field.key, method),
+                                         visible=method_uses(method, name_)))
+            elif field.key == "model.source":
+                updates.append(gr.update(value=values[field.key], choices=ctx.model_choices()))
+            else:
+                updates.append(gr.update(value=values[field.key]))
+        return updates + [""]
+
+    def change_method(name, method):
+        if method not in METHODS or not name:
+            return [gr.skip()] * len(adapter_fields)
+        values = method_field_values(name, method)
+        return [
+            gr.update(value=values[f.key], visible=method_uses(method, f.key.split(".", 1)[1]),
+                      info=field_info(f.key, method))
+            for f in adapter_fields
+        ]
+
+    def preview_recipe(name, *values):
+        try:
+            _, text = build_recipe(name, _form_dict(values), ctx.models_dir,
+                                   str(ctx.runs.runs_dir / f"{name}-<launch time>-<id>"))
+        except (RecipeError, UnsafePathError) as exc:
+            return _refused(str(exc)), gr.skip(), gr.skip()
+        return _ok("valid recipe"), text, gr.update(open=True)
+
+    def launch(name, *values):
+        form_values = _form_dict(values)
+        try:
+            build_recipe(name, form_values, ctx.models_dir, str(ctx.runs.runs_dir / "check"))
+        except (RecipeError, UnsafePathError) as exc:
+            return _refused(str(exc)), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        # the recipe names its own run directory, so create that first (unique even for simultaneous launches)
+        run_dir = ctx.runs.new_run_dir(name)
+        _, text = build_recipe(name, form_values, ctx.models_dir, str(run_dir))
+        run_name = ctx.runs.launch_in(run_dir, text)
+        table = runs_table(ctx)
+        return (
+            _ok(f"launched **{run_name}**: follow it in the Monitor tab"),
+            text,
+            table,
+            gr.update(choices=ctx.runs.list_runs(), value=run_name),
+            run_name,
+        )
+
+    def refresh_runs(selected, known):
+        choices = ctx.runs.list_runs()
+        tail = ctx.runs.log_tail(selected, 20) if selected in choices else ""
+        # only touch the dropdown when the list changed (an update closes it under the user's pointer)
+        return runs_table(ctx), (gr.skip() if choices == known else gr.update(choices=choices)), tail, choices
+
+    def stop(selected):
+        if not selected:
+            return "choose a run to stop"
+        try:
+            return ctx.runs.stop(selected)
+        except UnsafePathError as exc:
+            return _refused(str(exc))
+
+    adapter_fields = [f for f in FIELDS if f.key.startswith("adapter.") and f.key != "adapter.method"]
+    launched_run = gr.State(None)
+    recipe.change(load_recipe_fields, recipe, form + [message], api_name="recipe_fields")
+    reload_button.click(load_recipe_fields, recipe, form + [message], api_visibility="private")
+    inputs["adapter.method"].input(change_method, [recipe, inputs["adapter.method"]],
+                                   [inputs[f.key] for f in adapter_fields], api_visibility="private")
+    preview_button.click(preview_recipe, [recipe] + form, [message, preview, preview_box], api_name="preview")
+    launch_button.click(launch, [recipe] + form, [message, preview, runs, run_choice, launched_run], api_name="launch")
+    stop_button.click(stop, run_choice, stop_message, api_name="stop")
+    run_choice.change(lambda s: ctx.runs.log_tail(s, 20) if s else "", run_choice, log_tail, api_visibility="private")
+    timer = gr.Timer(3.0)
+    known_runs = gr.State(ctx.runs.list_runs())
+    timer.tick(refresh_runs, [run_choice, known_runs], [runs, run_choice, log_tail, known_runs], api_name="runs",
+               show_progress="hidden")
+    return {"launched_run": launched_run, "run_choice": run_choice}
