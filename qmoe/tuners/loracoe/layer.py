@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...kernels import loracoe_fused
 from ..base import AdapterLayer
 
 
@@ -49,9 +50,14 @@ class LoraCoELayer(AdapterLayer):
     def delta(self, x, valid):
         if self.stage == "warmup":
             return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
-        h, weights = self.rank_weights(x)
+        fused = loracoe_fused(self, x)  # Triton on CUDA (see qmoe.kernels); None: this PyTorch path
+        if fused is not None:
+            gated, weights = fused
+        else:
+            h, weights = self.rank_weights(x)
+            gated = h * weights * self.composition_factor
         self._telemetry(weights, valid)
-        return F.linear(h * weights * self.composition_factor, self.lora_B) * self.scale
+        return F.linear(gated, self.lora_B) * self.scale
 
     def _telemetry(self, weights, valid) -> None:
         with torch.no_grad():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...kernels import moelora_fused
 from ..base import AdapterLayer, in_recomputation
 from .losses import expert_contrastive_loss, load_balancing_loss
 
@@ -50,8 +51,13 @@ class MoELoraLayer(AdapterLayer):
 
     def delta(self, x, valid):
         r = self.config.r
-        h, probs, top_ids, gate = self.route(x)
-        out = F.linear(h * gate.repeat_interleave(r, dim=-1), self.lora_B) * self.scale
+        fused = moelora_fused(self, x)  # Triton on CUDA (see qmoe.kernels); None: this PyTorch path
+        if fused is not None:
+            gated, h, probs, top_ids, gate = fused
+        else:
+            h, probs, top_ids, gate = self.route(x)
+            gated = h * gate.repeat_interleave(r, dim=-1)
+        out = F.linear(gated, self.lora_B) * self.scale
         self._telemetry(gate, top_ids, valid)
         if self.training and torch.is_grad_enabled():
             self._aux_losses(h, probs, top_ids, valid)
