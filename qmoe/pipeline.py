@@ -1,0 +1,339 @@
+"""``qmoe finetune`` end to end: recipe -> 4-bit model + adapter -> Trainer stages -> adapter/ -> eval.json.
+
+Owns the run directory (see ``qmoe.rundir``) and turns every expected failure into one clear line
+(``UsageError``, exit status 2) recorded in ``status.json``; a signal stops at a checkpoint with status
+128+signal.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from .cli import UsageError
+from .config import AdapterConfig
+from .io import atomic_write_json, atomic_write_text, fsync_dir
+from .recipe import Recipe, dump_recipe
+from .rundir import (ADAPTER, CHECKPOINTS, EVAL, LOG, RECIPE, MetricsLog, RunLock, StatusFile, prepare_run_dir)
+
+log = logging.getLogger("qmoe")
+
+STAGE_DONE_FILE = "stage_done.json"
+OOM_ADVICE = ("lower train.batch_size (raise train.gradient_accumulation to keep the effective batch), lower "
+              "data.max_length, or set model.gradient_checkpointing=true")
+
+
+def setup_logging(log_file: Path | None) -> list[logging.Handler]:
+    """qmoe's log to stderr and (appending) to train.log; returns the handlers to remove afterwards."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    handlers: list[logging.Handler] = []
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    if not any(getattr(h, "_qmoe_console", False) for h in log.handlers):
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(fmt)
+        console._qmoe_console = True
+        log.addHandler(console)
+        handlers.append(console)
+    if log_file is not None:
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(fmt)
+        log.addHandler(file_handler)
+        handlers.append(file_handler)
+    return handlers
+
+
+def stage_roots(checkpoints: Path, plan: list) -> list[Path]:
+    if len(plan) == 1:
+        return [checkpoints]
+    return [checkpoints / f"{i + 1}-{stage.stage}" for i, stage in enumerate(plan)]
+
+
+def planned_steps(recipe: Recipe, stage, n_examples: int) -> int:
+    """Optimizer steps of a stage, computed as Trainer does: its own max_steps, else its own epochs, else the
+    train section's max_steps, else the train section's epochs."""
+    train = recipe.train
+    if stage is not None and stage.max_steps:
+        return stage.max_steps
+    if (stage is None or stage.epochs is None) and train.max_steps:
+        return train.max_steps
+    epochs = stage.epochs if stage is not None and stage.epochs is not None else train.epochs
+    batches = math.ceil(n_examples / train.batch_size)
+    per_epoch = max(math.ceil(batches / train.gradient_accumulation), 1)
+    return math.ceil(epochs * per_epoch)
+
+
+def training_arguments(recipe: Recipe, stage, root: Path, device: str, n_examples: int):
+    from transformers import TrainingArguments
+
+    train = recipe.train
+    steps = planned_steps(recipe, stage, n_examples)
+    return TrainingArguments(
+        output_dir=str(root),
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation,
+        learning_rate=stage.lr if stage is not None else train.lr,
+        max_steps=steps,
+        lr_scheduler_type=train.schedule,
+        warmup_steps=train.warmup_ratio if train.warmup_ratio < 1 else 0,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim="adamw_torch",
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_strategy="steps",
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=train.checkpoint_steps,
+        save_total_limit=None,  # QmoeTrainer rotates its own (complete) checkpoints
+        report_to="none",
+        use_cpu=device == "cpu",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda",
+        disable_tqdm=False,
+    )
+
+
+def _read_stage_done(root: Path) -> dict | None:
+    path = root / STAGE_DONE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # torn write cannot happen (atomic), but a damaged file only means "redo the stage"
+
+
+def find_resume_point(roots: list[Path]):
+    """(stage index to run next, global step offset, checkpoint to resume inside that stage or None,
+    checkpoint of the last finished stage or None)."""
+    from .trainer import complete_checkpoints
+
+    offset, finished = 0, None
+    for index, root in enumerate(roots):
+        done = _read_stage_done(root)
+        if done and (root / done["checkpoint"]).is_dir():
+            offset += int(done["steps"])
+            finished = root / done["checkpoint"]
+            continue
+        found = complete_checkpoints(root)
+        return index, offset, (found[-1] if found else None), finished
+    return len(roots), offset, None, finished
+
+
+def save_final_adapter(model, run_dir: Path) -> Path:
+    """adapter/ replaced as a whole: written to a staging folder, then renamed."""
+    from .serialization import save_adapter
+
+    final = run_dir / ADAPTER
+    staging = run_dir / f".staging-adapter-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_adapter(model, staging)
+        if final.exists():
+            old = run_dir / f".old-adapter-{os.getpid()}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(staging, final)
+        fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _install_signal_handlers(stop):
+    previous = {}
+
+    def handler(signum, frame):
+        if stop.signal_name is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        stop.signal_name = signal.Signals(signum).name
+        stop.signum = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. called from a UI worker): no handlers
+            pass
+    return previous
+
+
+def _describe_failure(exc: BaseException, run_dir: Path) -> str | None:
+    """One line for the failures users can fix; None for bugs (they keep their traceback)."""
+    from .trainer import complete_checkpoints
+
+    last = [p for p in (run_dir / CHECKPOINTS).rglob("checkpoint-*") if p in complete_checkpoints(p.parent)]
+    kept = f"; the last good checkpoint is {max(last, key=lambda p: p.stat().st_mtime)}" if last else ""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"out of GPU memory: {OOM_ADVICE}{kept}"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return (f"disk full while writing{where}: free space, then continue with "
+                f"qmoe finetune {run_dir} --resume{kept}")
+    return None
+
+
+def run_finetune(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
+                 run_eval: bool = True) -> int:
+    """Train the recipe into ``run_dir``; 0 on success, 128+signal when stopped by SIGINT/SIGTERM."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        recipe = recipe.model_copy(update={"output_dir": str(run_dir)})
+        atomic_write_text(run_dir / RECIPE, dump_recipe(recipe))
+        handlers = setup_logging(run_dir / LOG)
+        status = StatusFile(run_dir, recipe.adapter.method)
+        status.update()
+        from .trainer import StopRequest
+
+        stop = StopRequest()
+        previous = _install_signal_handlers(stop)
+        try:
+            code = _train_and_evaluate(recipe, run_dir, status, stop, resume=resume, run_eval=run_eval)
+            return code
+        except UsageError as exc:
+            status.update(state="failed", error=str(exc))
+            log.error("%s", exc)
+            raise
+        except BaseException as exc:
+            message = _describe_failure(exc, run_dir)
+            if message is not None:
+                status.update(state="failed", error=message)
+                log.error("%s", message)
+                raise UsageError(message) from None
+            if isinstance(exc, KeyboardInterrupt):
+                status.update(state="stopped", error="interrupted")
+            else:
+                status.update(state="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                log.exception("training failed")
+            raise
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+            for h in handlers:
+                log.removeHandler(h)
+                h.close()
+
+
+def _train_and_evaluate(recipe: Recipe, run_dir: Path, status: StatusFile, stop, *, resume: bool, run_eval: bool) -> int:
+    from transformers import set_seed
+
+    from . import adapter_parameters, attach, set_stage
+    from .data import PadCollator, load_train_records, tokenize_records
+    from .models import load_base_model
+    from .trainer import MetricsCallback, QmoeTrainer, load_queues, verify_checkpoint
+
+    log.info("run directory: %s", run_dir)
+    set_seed(recipe.train.seed)  # before attach: adapter init is part of the reproducible run
+    model, tokenizer, device = load_base_model(recipe.model.source, recipe.model.quantization,
+                                               recipe.model.compute_dtype, recipe.model.device)
+    config = AdapterConfig(**recipe.adapter.to_dict())  # a private copy: set_stage mutates its config
+    plan = recipe.stage_plan()
+    if plan[0] is not None:
+        config = AdapterConfig(**{**config.to_dict(), "stage": plan[0].stage})
+    attach(model, config)
+    if recipe.model.gradient_checkpointing:
+        # non-reentrant: the adapters' auxiliary losses are computed inside the checkpointed blocks
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # Trainer refuses "purely quantized" models; this flag is how it learns trainable adapters are attached
+    model._hf_peft_config_loaded = True
+    log.info("model %s (%s, %s) on %s; %s adapter with %d parameters", recipe.model.source,
+             recipe.model.quantization, next(model.parameters()).dtype, device, config.method, adapter_parameters(model))
+
+    records = load_train_records(recipe.data)
+    train_set = tokenize_records(tokenizer, records, recipe.data.max_length, recipe.data.system_prompt)
+    log.info("training examples: %d", len(train_set))
+
+    roots = stage_roots(run_dir / CHECKPOINTS, plan)
+    estimates = [planned_steps(recipe, s, len(train_set)) for s in plan]
+    status.update(trainable_parameters=adapter_parameters(model), max_steps=sum(estimates),
+                  stage=plan[0].stage if plan[0] is not None else None)
+    metrics = MetricsLog(run_dir)
+
+    start, offset, resume_checkpoint, finished = 0, 0, None, None
+    if resume:
+        start, offset, resume_checkpoint, finished = find_resume_point(roots)
+        resumed_step = offset
+        if resume_checkpoint is not None:
+            verify_checkpoint(resume_checkpoint)
+            resumed_step += json.loads((resume_checkpoint / "qmoe_checkpoint.json").read_text())["step"]
+            log.info("resuming from %s (step %d)", resume_checkpoint, resumed_step)
+        elif start == 0:
+            log.info("no complete checkpoint found in %s: starting from step 0", run_dir / CHECKPOINTS)
+        metrics.truncate_after(resumed_step)
+    elif metrics.path.exists():
+        metrics.path.unlink()
+
+    for index in range(start, len(plan)):
+        stage = plan[index]
+        if stop.signal_name is not None:
+            break
+        if stage is not None:
+            set_stage(model, stage.stage)
+        if resume_checkpoint is None and finished is not None:  # a new stage continues from the previous one
+            from .serialization import load_adapter
+
+            load_adapter(model, finished)
+            load_queues(model, finished)
+        stage_name = stage.stage if stage is not None else config.stage if config.method == "loracoe" else None
+        callback = MetricsCallback(metrics, status, stop, device, total_steps_after=sum(estimates[index + 1:]))
+        trainer = QmoeTrainer(
+            model=model,
+            args=training_arguments(recipe, stage, roots[index], device, len(train_set)),
+            train_dataset=train_set,
+            data_collator=PadCollator(tokenizer.pad_token_id),
+            callbacks=[callback],
+            stage=stage_name,
+            step_offset=offset,
+            keep_checkpoints=recipe.train.keep_checkpoints,
+        )
+        callback.trainer = trainer
+        if stage is not None:
+            log.info("stage %d/%d: %s, lr %g, %d steps", index + 1, len(plan), stage.stage, stage.lr, estimates[index])
+        trainer.train(resume_from_checkpoint=str(resume_checkpoint) if resume_checkpoint else None)
+        if stop.signal_name is not None:
+            break
+        steps = trainer.state.global_step
+        atomic_write_json(roots[index] / STAGE_DONE_FILE, {"steps": steps, "checkpoint": f"checkpoint-{steps}"})
+        offset += steps
+        finished = roots[index] / f"checkpoint-{steps}"
+        resume_checkpoint = None
+
+    if stop.signal_name is not None:
+        message = f"stopped by {stop.signal_name}; continue with: qmoe finetune {run_dir} --resume"
+        status.update(state="stopped", error=message)
+        log.warning("%s", message)
+        return 128 + stop.signum
+
+    if start == len(plan) and finished is not None:  # resumed after training had finished (e.g. during eval)
+        from .serialization import load_adapter
+
+        load_adapter(model, finished)
+    adapter_dir = save_final_adapter(model, run_dir)
+    log.info("adapter saved: %s", adapter_dir)
+    status.update(step=offset)
+
+    if run_eval and recipe.eval.enabled:
+        from .evaluation import run_evaluation
+
+        task = recipe.eval.task or recipe.data.task
+        run_evaluation(model, tokenizer, task=task, path=recipe.eval.path, limit=recipe.eval.limit,
+                       batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
+                       system_prompt=recipe.data.system_prompt, data_section=recipe.data, out_file=run_dir / EVAL,
+                       extra={"model": recipe.model.source, "adapter": str(adapter_dir)})
+    status.update(state="finished", step=offset, error=None)
+    log.info("finished: %s", run_dir)
+    return 0

@@ -1,0 +1,144 @@
+"""The run directory: the documented files a fine-tune writes and the UI reads (see README "Run directory").
+
+``recipe.yaml`` (resolved recipe), ``status.json`` (state of the run, rewritten atomically), ``metrics.jsonl``
+(one JSON object per logging step, appended line by line), ``train.log``, ``checkpoints/``, ``adapter/``
+(final adapter) and ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .cli import UsageError
+from .io import atomic_write_json, fsync_dir, read_jsonl
+
+RECIPE = "recipe.yaml"
+STATUS = "status.json"
+METRICS = "metrics.jsonl"
+LOG = "train.log"
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+EVAL = "eval.json"
+LOCK = ".lock"
+RESULTS = (METRICS, CHECKPOINTS, ADAPTER, EVAL)  # anything here means the directory holds a run's results
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def has_results(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in RESULTS)
+
+
+def clear_results(run_dir: Path) -> None:
+    """--overwrite: remove a previous run's outputs, keeping nothing but the directory."""
+    for name in RESULTS + (STATUS, LOG):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two processes never train into the same one."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+        self.handle = None
+
+    def __enter__(self) -> "RunLock":
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise UsageError(f"run directory {self.path.parent} is in use by pid {holder}; use another output_dir") from None
+            raise
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+
+
+class StatusFile:
+    """``status.json``: state running|finished|failed|stopped, pid, started, updated, step, max_steps,
+    stage, error, trainable_parameters, method. Every update rewrites it atomically."""
+
+    def __init__(self, run_dir: Path, method: str, max_steps: int | None = None):
+        self.path = run_dir / STATUS
+        self.data = {
+            "state": "running",
+            "pid": os.getpid(),
+            "started": now(),
+            "updated": now(),
+            "step": 0,
+            "max_steps": max_steps,
+            "stage": None,
+            "error": None,
+            "trainable_parameters": 0,
+            "method": method,
+        }
+
+    def update(self, **fields) -> None:
+        self.data.update(fields)
+        self.data["updated"] = now()
+        atomic_write_json(self.path, self.data)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logging step, appended and fsynced line by line."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / METRICS
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records logged after the checkpoint, so steps are never duplicated."""
+        records = read_jsonl(self.path)
+        kept = [r for r in records if r.get("step", 0) <= step]
+        if len(kept) != len(records) or self._has_torn_tail():
+            from .io import atomic_write_text
+
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def _has_torn_tail(self) -> bool:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return False
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Create the directory; refuse to touch a previous run's results unless --resume or --overwrite."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        clear_results(run_dir)
+        fsync_dir(run_dir)
+    elif has_results(run_dir) and not resume:
+        raise UsageError(
+            f"run directory {run_dir} already holds results; continue it with --resume or start again with --overwrite"
+        )
