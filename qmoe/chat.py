@@ -1,0 +1,142 @@
+"""Chatting with a tuned model, shared by ``qmoe chat`` and the UI's Chat tab.
+
+``load_chat_model(path=None, base_source=None, quantization="nf4", compute_dtype="auto", device="auto")``
+    -> :class:`ChatModel`. ``path`` is a run directory (its recipe names the base model and its ``adapter/``
+    is loaded), an adapter folder (base model from ``base_source`` or the folder's
+    ``base_model_name_or_path``), or None for the base model alone (``base_source``, default the builtin
+    SmolLM2). Raises ``qmoe.cli.UsageError`` with one line when something cannot be loaded.
+
+``stream_reply(chat_model, messages, max_new_tokens=256, temperature=0.0, trace=False)``
+    -> iterator of events. ``{"text": piece}`` while generating (a TextIteratorStreamer feeds it), then one
+    final ``{"done": True, "text": reply, "tokens": [str, ...], "routing": {layer: Tensor[n_tokens, experts]}}``.
+    With ``trace=True`` ``routing`` holds, for every routed layer, the dense routing weights of each generated
+    token: row i is the routing of the forward pass that produced token i (for LoRACoE the columns are the
+    r ranks). ``messages`` is a chat list: ``[{"role": "user", "content": "..."}, ...]``.
+
+``top_experts(weights, top=2)`` -> per token a list of ``(expert, weight)`` pairs.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .cli import UsageError
+
+DEFAULT_SOURCE = "builtin:smollm2-135m-instruct"
+
+
+@dataclass
+class ChatModel:
+    model: object
+    tokenizer: object
+    source: str
+    adapter_dir: Path | None = None
+    routed_layers: list[str] = field(default_factory=list)
+
+
+def resolve_adapter(path: str | Path | None, base_source: str | None = None):
+    """(base source, quantization, compute dtype, adapter dir or None) for a run dir, adapter dir or None."""
+    from .recipe import load_recipe
+    from .serialization import AdapterError, read_adapter_config
+
+    if path is None:
+        return base_source or DEFAULT_SOURCE, "nf4", "auto", None
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"not found: {path}")
+    if (path / "recipe.yaml").is_file():
+        recipe = load_recipe(path)
+        adapter = path / "adapter"
+        if not adapter.is_dir():
+            raise UsageError(f"{path} has no adapter/ yet (training not finished?)")
+        return base_source or recipe.model.source, recipe.model.quantization, recipe.model.compute_dtype, adapter
+    try:
+        _, _, raw = read_adapter_config(path)
+    except AdapterError as exc:
+        raise UsageError(str(exc)) from None
+    source = base_source or raw.get("base_model_name_or_path")
+    if not source:
+        raise UsageError(f"{path} does not name its base model; pass the base model explicitly (--base)")
+    return source, "nf4", "auto", path
+
+
+def load_chat_model(path: str | Path | None = None, base_source: str | None = None, quantization: str | None = None,
+                    compute_dtype: str | None = None, device: str = "auto") -> ChatModel:
+    from .attach import adapter_layers
+    from .models import load_base_model
+    from .serialization import AdapterError, load_adapter
+
+    source, quant, dtype, adapter_dir = resolve_adapter(path, base_source)
+    model, tokenizer, _ = load_base_model(source, quantization or quant, compute_dtype or dtype, device)
+    if adapter_dir is not None:
+        try:
+            load_adapter(model, adapter_dir)
+        except AdapterError as exc:
+            raise UsageError(str(exc)) from None
+    model.eval()
+    model.config.use_cache = True
+    routed = [name for name, layer in adapter_layers(model).items() if layer.routed] if adapter_dir else []
+    return ChatModel(model, tokenizer, source, adapter_dir, routed)
+
+
+def stream_reply(chat: ChatModel, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+                 trace: bool = False) -> Iterator[dict]:
+    from transformers import TextIteratorStreamer
+
+    from .routing import routing, set_tracing
+
+    tokenizer, model = chat.tokenizer, chat.model
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(
+        do_sample=False, temperature=None, top_p=None, top_k=None)
+    result: dict = {}
+    tracing = trace and bool(chat.routed_layers)
+
+    def work():
+        try:
+            with torch.no_grad():
+                result["ids"] = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
+                                               pad_token_id=tokenizer.pad_token_id, **sampling)
+        except BaseException as exc:  # surfaced in the caller's thread below
+            result["error"] = exc
+            streamer.end()
+
+    if tracing:
+        set_tracing(model, True)
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    pieces = []
+    try:
+        for piece in streamer:
+            pieces.append(piece)
+            yield {"text": piece}
+        thread.join()
+    finally:
+        if tracing:
+            from .attach import adapter_context
+
+            adapter_context(model).trace = False
+    if "error" in result:
+        raise result["error"]
+    new_ids = result["ids"][0, inputs["input_ids"].shape[1]:]
+    tokens = [tokenizer.decode([int(t)]) for t in new_ids]
+    per_layer = {}
+    if tracing:
+        for name, info in routing(model).items():
+            # one trace record per forward; its last row is the position that produced the next token
+            rows = [w[-1] for w in info["trace"] if w.shape[0] > 0]
+            if rows:
+                per_layer[name] = torch.stack(rows)[: len(tokens)].float().cpu()
+    yield {"done": True, "text": "".join(pieces), "tokens": tokens, "routing": per_layer}
+
+
+def top_experts(weights: torch.Tensor, top: int = 2) -> list[list[tuple[int, float]]]:
+    values, ids = weights.topk(min(top, weights.shape[-1]), dim=-1)
+    return [[(int(i), float(v)) for i, v in zip(r_ids, r_vals)] for r_ids, r_vals in zip(ids, values)]
