@@ -88,14 +88,18 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
+# the console script's entry point, in this interpreter (``python -m qmoe.cli`` would load cli.py twice)
+QMOE = [sys.executable, "-c", "import sys; from qmoe.cli import main; sys.exit(main())"]
+
+
 def qmoe_cli(*args, timeout: float = 300, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
     """Run the ``qmoe`` command in a fresh interpreter (the CLI contract: exit status, one-line errors)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "qmoe.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([*QMOE, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=full_env, **popen)
 
 
 def qmoe_popen(*args, env: dict | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "qmoe.cli", *map(str, args)], stdout=subprocess.PIPE,
+    return subprocess.Popen([*QMOE, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=full_env)

@@ -138,3 +138,24 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
         assert expected in done.stderr
         assert "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def _adapter_parameter_count(recipe_name: str) -> int:
+    """Adapter parameters of a shipped recipe on Qwen2.5-1.5B's shapes (a meta-device model: no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    import qmoe
+
+    config = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    qmoe.attach(model, load_recipe(REPO / "recipes" / recipe_name).adapter)
+    return qmoe.adapter_parameters(model)
+
+
+def test_lora_recipe_matches_moelora_parameter_count():
+    moelora, lora = _adapter_parameter_count("gsm8k.yaml"), _adapter_parameter_count("gsm8k-lora.yaml")
+    assert moelora == 41_000_960 and lora == 41_545_728
+    assert abs(lora - moelora) / moelora < 0.015

@@ -58,6 +58,6 @@ def run(args) -> int:
                             max_new_tokens=max_new_tokens, system_prompt=system_prompt,
                             data_section=recipe.data if recipe is not None else None, out_file=out_file,
                             extra={"model": source, "adapter": None if args.base_only else str(adapter_dir)})
-    print(format_table([{"model": label, **result}]))
+    print(format_table([{**result, "model": label}]))
     print(f"wrote {out_file}")
     return 0
