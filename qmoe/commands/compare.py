@@ -1,0 +1,57 @@
+"""``qmoe compare RECIPE... [--eval-tasks ...]``: train each recipe, evaluate each adapter and the base model
+on the same test sets, write RESULTS.md (accuracy per task, trainable parameters, time, peak memory)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files to train and compare")
+    parser.add_argument("--labels", nargs="+", help="a name per recipe (default: the file names)")
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides applied to every recipe, e.g. train.max_steps=100 data.limit=800")
+    parser.add_argument("--eval-tasks", nargs="+", default=["gsm8k"],
+                        help="test sets: gsm8k, SVAMP, MultiArith, AddSub, SingleEq, mawps, ... or test.json paths")
+    parser.add_argument("--eval-limit", type=int, help="first N examples of each test set")
+    parser.add_argument("--eval-batch-size", type=int, help="prompts generated together")
+    parser.add_argument("--max-new-tokens", type=int, help="longest generated answer")
+    parser.add_argument("--out-dir", default="runs/compare", help="where the runs go (default: runs/compare)")
+    parser.add_argument("--results", default="RESULTS.md", help="results file (its generated block is replaced)")
+    parser.add_argument("--figures", default="docs/figures", help="expert-specialisation figures folder ('' = none)")
+
+
+def run(args) -> int:
+    from ..cli import UsageError
+    from ..compare import run_compare
+
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise UsageError("--eval-limit must be >= 1")
+    for recipe in args.recipes:
+        if not Path(recipe).is_file():
+            raise UsageError(f"recipe not found: {recipe}")
+    eval_args = []
+    if args.eval_batch_size:
+        eval_args += ["--batch-size", str(args.eval_batch_size)]
+    if args.max_new_tokens:
+        eval_args += ["--max-new-tokens", str(args.max_new_tokens)]
+    command = "qmoe compare " + shlex.join(_argv_of(args))
+    return run_compare(args.recipes, args.labels, args.overrides, args.eval_tasks, args.eval_limit,
+                       Path(args.out_dir), Path(args.results), Path(args.figures) if args.figures else None,
+                       eval_args, command)
+
+
+def _argv_of(args) -> list[str]:
+    argv = list(args.recipes)
+    if args.labels:
+        argv += ["--labels", *args.labels]
+    if args.overrides:
+        argv += ["--set", *args.overrides]
+    argv += ["--eval-tasks", *args.eval_tasks]
+    for flag, value in (("--eval-limit", args.eval_limit), ("--eval-batch-size", args.eval_batch_size),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value:
+            argv += [flag, str(value)]
+    argv += ["--out-dir", args.out_dir, "--results", args.results, "--figures", args.figures]
+    return argv

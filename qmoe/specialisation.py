@@ -1,0 +1,104 @@
+"""Expert-specialisation figures from routing telemetry (MoELoRA paper §5.2): where numeric tokens go.
+
+Teacher-forced forwards over GSM8K test question+answer pairs, with routing traces on, give every token's
+real routing weights at every layer. Figures: per transformer layer, the share of numeric tokens (tokens
+whose text holds a digit) and of all tokens sent to each expert as top-1, and each layer's load imbalance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+MODULE = "mlp.down_proj"  # one projection type gives one row per transformer layer
+
+
+def routing_by_token(chat, texts: list[str], module: str = MODULE):
+    """(tokens [str], {layer index: weights [tokens, experts]}) over ``texts`` for layers ending in ``module``."""
+    from .routing import routing, trace_routing
+
+    model, tok = chat.model, chat.tokenizer
+    tokens: list[str] = []
+    per_layer: dict[int, list[torch.Tensor]] = {}
+    device = next(model.parameters()).device
+    for text in texts:
+        ids = tok(text, return_tensors="pt").input_ids.to(device)
+        with trace_routing(model), torch.no_grad():
+            model(input_ids=ids)
+            info = routing(model)
+        tokens += [tok.decode([i]) for i in ids[0].tolist()]
+        for name, layer_info in info.items():
+            if name.endswith(module):
+                index = int(name.split("layers.")[1].split(".")[0])
+                per_layer.setdefault(index, []).append(torch.cat(layer_info["trace"]))
+    return tokens, {i: torch.cat(w) for i, w in sorted(per_layer.items())}
+
+
+def top1_shares(weights: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """[layers, experts]: share of the masked tokens whose top-1 expert is e, per layer."""
+    rows = []
+    for w in weights.values():
+        top = w[mask].argmax(-1)
+        counts = torch.bincount(top, minlength=w.shape[1]).float()
+        rows.append(counts / counts.sum().clamp(min=1))
+    return torch.stack(rows)
+
+
+def specialisation_figures(runs, figures_dir: Path, out_dir: Path, n_examples: int = 40) -> list[Path]:
+    """Write the figures for MoELoRA runs; returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .chat import load_chat_model
+    from .data import chat_prompt, load_gsm8k
+
+    if not runs:
+        return []
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    records = load_gsm8k("test", limit=n_examples)
+    stats = {}
+    for run in runs:
+        chat = load_chat_model(run.run_dir)
+        # the training format: chat-templated question followed by the worked answer
+        texts = [chat_prompt(chat.tokenizer, r["prompt"]) + r["target"] for r in records]
+        tokens, weights = routing_by_token(chat, texts)
+        numeric = torch.tensor([any(c.isdigit() for c in t) for t in tokens])
+        everything = torch.ones_like(numeric)
+        stats[run.label] = (top1_shares(weights, numeric), top1_shares(weights, everything))
+        del chat
+    paths = []
+    fig, axes = plt.subplots(len(stats), 3, figsize=(13, 3.6 * len(stats)), squeeze=False)
+    for row, (label, (num, allt)) in enumerate(stats.items()):
+        for col, (data, title, cmap) in enumerate(
+            [(num, "numeric tokens", "viridis"), (allt, "all tokens", "viridis"), (num - allt, "numeric − all", "coolwarm")]
+        ):
+            ax = axes[row][col]
+            lim = float(data.abs().max()) if col == 2 else None
+            im = ax.imshow(data.numpy(), aspect="auto", cmap=cmap, vmin=-lim if lim else 0, vmax=lim)
+            ax.set_title(f"{label}: {title}")
+            ax.set_xlabel("expert")
+            ax.set_ylabel(f"layer ({MODULE})")
+            fig.colorbar(im, ax=ax, label="share of tokens (top-1)" if col < 2 else "difference in share")
+    fig.tight_layout()
+    path = figures_dir / "numeric-token-routing.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (_, allt) in stats.items():
+        cv = (allt.std(1, unbiased=False) / allt.mean(1)).numpy()
+        ax.plot(range(len(cv)), cv, marker="o", label=label)
+    ax.set_xlabel(f"layer ({MODULE})")
+    ax.set_ylabel("load imbalance (coefficient of variation of top-1 share)")
+    ax.set_title("Expert load per layer (0 = perfectly balanced)")
+    ax.legend()
+    fig.tight_layout()
+    path = figures_dir / "expert-load-per-layer.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+    return paths

@@ -1,0 +1,58 @@
+"""`qmoe compare` (issue 7's harness) end to end on a tiny model: trains two recipes, evaluates them and the
+base model on two test sets, writes the results block and keeps hand-written text around it; re-running
+reuses finished runs and evaluations."""
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from pipeline_support import arithmetic_items, build_tiny_chat_model, tiny_recipe, write_jsonl
+
+
+def test_compare_trains_evaluates_and_writes_results(tmp_path):
+    model_dir = build_tiny_chat_model(tmp_path / "model")
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", arithmetic_items(24))
+    write_jsonl(data / "test.jsonl", arithmetic_items(6, start=100))
+    # a second test set in the LLM-Adapters format (instruction/answer), as the papers' math suites are
+    (data / "adds").mkdir()
+    (data / "adds" / "test.json").write_text(json.dumps(
+        [{"instruction": x["question"], "input": "", "output": x["answer"], "answer": x["answer"].split("#### ")[1]}
+         for x in arithmetic_items(4, start=300)]))
+    recipes = []
+    for method in ("lora", "moelora"):
+        recipe = tiny_recipe(model_dir, data, tmp_path / "unused", method=method)
+        recipe["train"]["max_steps"] = 3
+        path = tmp_path / f"{method}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        recipes.append(str(path))
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nHand-written analysis stays.\n")
+    cmd = [sys.executable, "-m", "qmoe.cli", "compare", *recipes, "--eval-tasks", str(data / "adds" / "test.json"),
+           "gsm8k", "--eval-limit", "3", "--max-new-tokens", "8", "--out-dir", str(tmp_path / "runs"),
+           "--results", str(results), "--figures", str(tmp_path / "figs")]
+    env = {**os.environ, "QMOE_DATA_DIR": str(data)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = results.read_text()
+    assert "Hand-written analysis stays." in text
+    assert "qmoe compare" in text and "| base model |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| lora (lora)") or line.startswith("| moelora (moelora)")]
+    assert len(rows) == 2
+    records = json.loads((tmp_path / "runs" / "results.json").read_text())
+    by_label = {r["label"]: r for r in records}
+    assert by_label["moelora"]["trainable_parameters"] > 0 and by_label["lora"]["train_seconds"] > 0
+    for label in ("base model", "lora", "moelora"):
+        assert set(by_label[label]["accuracy"]) == {"adds", "gsm8k"}
+        assert by_label[label]["n"] == {"adds": 3, "gsm8k": 3}
+    figures = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert figures == ["expert-load-per-layer.png", "numeric-token-routing.png"]
+    # a second run reuses everything: no training or evaluation subprocess output
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0
+    assert "$ finetune" not in again.stdout and "$ eval" not in again.stdout
+    assert results.read_text().count("qmoe compare: begin") == 1
