@@ -122,21 +122,20 @@ def evaluate(run_dir: Path, task: str, limit: int | None, out_file: Path, base_o
     return data.get("accuracy"), data.get("n", 0)
 
 
-def run_compare(recipes: list[str], labels: list[str] | None, overrides: list[str], tasks: list[str],
+def run_compare(runs: list[tuple[str, str, list[str]]], overrides: list[str], tasks: list[str],
                 limit: int | None, out_dir: Path, results_file: Path, figures_dir: Path | None,
                 eval_args: list[str], command: str) -> int:
     from .recipe import load_recipe
 
-    if labels and len(labels) != len(recipes):
-        raise UsageError(f"--labels gives {len(labels)} names for {len(recipes)} recipes")
-    labels = labels or [Path(r).stem for r in recipes]
+    """``runs``: (label, recipe path, run-specific overrides); ``overrides`` apply to every run."""
+    labels = [label for label, _, _ in runs]
     if len(set(labels)) != len(labels):
-        raise UsageError(f"labels must be unique: {labels} (use --labels)")
-    for recipe in recipes:  # fail fast, before hours of training, on any bad recipe or override
-        load_recipe(recipe, overrides)
+        raise UsageError(f"run labels must be unique: {labels} (use --labels / --run LABEL ...)")
+    for _, recipe, own in runs:  # fail fast, before hours of training, on any bad recipe or override
+        load_recipe(recipe, [*overrides, *own])
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    results = [train(label, recipe, overrides, out_dir) for label, recipe in zip(labels, recipes)]
+    results = [train(label, recipe, [*overrides, *own], out_dir) for label, recipe, own in runs]
     base = RunResult(label="base model", recipe="-", run_dir=out_dir / "base")
     finished = [r for r in results if r.error is None]
     for task in tasks:

@@ -32,7 +32,9 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
         recipes.append(str(path))
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\nHand-written analysis stays.\n")
-    cmd = [sys.executable, "-m", "qmoe.cli", "compare", *recipes, "--eval-tasks", str(data / "adds" / "test.json"),
+    # one run given as a positional recipe, one through --run with its own override
+    cmd = [sys.executable, "-m", "qmoe.cli", "compare", recipes[0],
+           "--run", "moelora", recipes[1], "adapter.balance_loss_weight=0.05", "--eval-tasks", str(data / "adds" / "test.json"),
            "gsm8k", "--eval-limit", "3", "--max-new-tokens", "8", "--out-dir", str(tmp_path / "runs"),
            "--results", str(results), "--figures", str(tmp_path / "figs")]
     env = {**os.environ, "QMOE_DATA_DIR": str(data)}
@@ -45,6 +47,8 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
     assert len(rows) == 2
     records = json.loads((tmp_path / "runs" / "results.json").read_text())
     by_label = {r["label"]: r for r in records}
+    resolved = yaml.safe_load((tmp_path / "runs" / "moelora" / "recipe.yaml").read_text())
+    assert resolved["adapter"]["balance_loss_weight"] == 0.05
     assert by_label["moelora"]["trainable_parameters"] > 0 and by_label["lora"]["train_seconds"] > 0
     for label in ("base model", "lora", "moelora"):
         assert set(by_label[label]["accuracy"]) == {"adds", "gsm8k"}

@@ -8,7 +8,10 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files to train and compare")
+    parser.add_argument("recipes", nargs="*", metavar="RECIPE", help="recipe YAML files to train and compare")
+    parser.add_argument("--run", dest="runs", nargs="+", action="append", default=[], metavar="ARG",
+                        help="LABEL RECIPE [KEY=VALUE ...]: one more run with its own overrides (repeatable), "
+                             "e.g. --run moelora-no-cl recipes/gsm8k.yaml adapter.contrastive_loss_weight=0")
     parser.add_argument("--labels", nargs="+", help="a name per recipe (default: the file names)")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides applied to every recipe, e.g. train.max_steps=100 data.limit=800")
@@ -28,7 +31,17 @@ def run(args) -> int:
 
     if args.eval_limit is not None and args.eval_limit < 1:
         raise UsageError("--eval-limit must be >= 1")
-    for recipe in args.recipes:
+    runs = [(label, recipe, []) for label, recipe in zip(args.labels or [Path(r).stem for r in args.recipes],
+                                                           args.recipes)]
+    if args.labels and len(args.labels) != len(args.recipes):
+        raise UsageError(f"--labels gives {len(args.labels)} names for {len(args.recipes)} recipes")
+    for spec in args.runs:
+        if len(spec) < 2:
+            raise UsageError(f"--run needs LABEL RECIPE [KEY=VALUE ...], got {' '.join(spec)}")
+        runs.append((spec[0], spec[1], spec[2:]))
+    if not runs:
+        raise UsageError("nothing to compare: give RECIPE files or --run LABEL RECIPE [KEY=VALUE ...]")
+    for _, recipe, _ in runs:
         if not Path(recipe).is_file():
             raise UsageError(f"recipe not found: {recipe}")
     eval_args = []
@@ -37,7 +50,7 @@ def run(args) -> int:
     if args.max_new_tokens:
         eval_args += ["--max-new-tokens", str(args.max_new_tokens)]
     command = "qmoe compare " + shlex.join(_argv_of(args))
-    return run_compare(args.recipes, args.labels, args.overrides, args.eval_tasks, args.eval_limit,
+    return run_compare(runs, args.overrides, args.eval_tasks, args.eval_limit,
                        Path(args.out_dir), Path(args.results), Path(args.figures) if args.figures else None,
                        eval_args, command)
 
@@ -46,6 +59,8 @@ def _argv_of(args) -> list[str]:
     argv = list(args.recipes)
     if args.labels:
         argv += ["--labels", *args.labels]
+    for spec in args.runs:
+        argv += ["--run", *spec]
     if args.overrides:
         argv += ["--set", *args.overrides]
     argv += ["--eval-tasks", *args.eval_tasks]
