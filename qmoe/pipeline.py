@@ -170,12 +170,26 @@ def _install_signal_handlers(stop):
     return previous
 
 
-def _describe_failure(exc: BaseException, run_dir: Path) -> str | None:
-    """One line for the failures users can fix; None for bugs (they keep their traceback)."""
+def last_good_checkpoint(run_dir: Path) -> Path | None:
     from .trainer import complete_checkpoints
 
-    last = [p for p in (run_dir / CHECKPOINTS).rglob("checkpoint-*") if p in complete_checkpoints(p.parent)]
-    kept = f"; the last good checkpoint is {max(last, key=lambda p: p.stat().st_mtime)}" if last else ""
+    roots = [run_dir / CHECKPOINTS] + sorted(p for p in (run_dir / CHECKPOINTS).glob("*-*") if p.is_dir()
+                                             and not p.name.startswith((".", "checkpoint-")))
+    found = [c for root in roots for c in complete_checkpoints(root)]
+    return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
+
+
+def remove_stale_staging(run_dir: Path) -> None:
+    """Staging folders of a process killed while saving: never complete, safe to delete under the run lock."""
+    for path in [*run_dir.glob(".staging-*"), *run_dir.glob(".old-*"), *(run_dir / CHECKPOINTS).rglob(".staging-*"),
+                 *(run_dir / CHECKPOINTS).rglob(".old-*")]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _describe_failure(exc: BaseException, run_dir: Path) -> str | None:
+    """One line for the failures users can fix; None for bugs (they keep their traceback)."""
+    last = last_good_checkpoint(run_dir)
+    kept = f"; the last good checkpoint is {last}" if last else ""
     if isinstance(exc, torch.OutOfMemoryError):
         return f"out of GPU memory: {OOM_ADVICE}{kept}"
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -197,7 +211,7 @@ def run_finetune(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwri
         handlers = setup_logging(run_dir / LOG)
         status = StatusFile(run_dir, recipe.adapter.method)
         status.update()
-        from .trainer import StopRequest
+        from .trainer import NonFiniteLoss, StopRequest
 
         stop = StopRequest()
         previous = _install_signal_handlers(stop)
@@ -205,9 +219,14 @@ def run_finetune(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwri
             code = _train_and_evaluate(recipe, run_dir, status, stop, resume=resume, run_eval=run_eval)
             return code
         except UsageError as exc:
-            status.update(state="failed", error=str(exc))
-            log.error("%s", exc)
-            raise
+            message = str(exc)
+            if isinstance(exc, NonFiniteLoss):
+                last = last_good_checkpoint(run_dir)
+                message += f" (last good checkpoint: {last})" if last else " (no checkpoint was saved before)"
+                exc = NonFiniteLoss(message)
+            status.update(state="failed", error=message)
+            log.error("%s", message)
+            raise exc from None
         except BaseException as exc:
             message = _describe_failure(exc, run_dir)
             if message is not None:
@@ -265,6 +284,7 @@ def _train_and_evaluate(recipe: Recipe, run_dir: Path, status: StatusFile, stop,
 
     start, offset, resume_checkpoint, finished = 0, 0, None, None
     if resume:
+        remove_stale_staging(run_dir)
         start, offset, resume_checkpoint, finished = find_resume_point(roots)
         resumed_step = offset
         if resume_checkpoint is not None:

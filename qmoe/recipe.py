@@ -90,7 +90,7 @@ class Stage(_Section):
     )
     epochs: float | None = Field(None, gt=0, le=100, description="epochs of this stage (empty = train.epochs)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps of this stage; overrides epochs")
-    lr: float = Field(gt=0, le=1, description="peak learning rate of this stage")
+    lr: float = Field(gt=0, le=1e6, description="peak learning rate of this stage")
 
 
 class TrainSection(_Section):
@@ -98,7 +98,9 @@ class TrainSection(_Section):
     max_steps: int | None = Field(
         None, ge=1, description="stop after this many optimizer steps; overrides epochs (empty = use epochs)"
     )
-    lr: float = Field(2e-4, gt=0, le=1, description="peak learning rate (AdamW)")
+    lr: float = Field(
+        2e-4, gt=0, le=1e6, description="peak learning rate (AdamW); adapters train at 5e-5..1e-3, far larger diverges"
+    )
     batch_size: int = Field(4, ge=1, le=1024, description="examples per forward pass")
     gradient_accumulation: int = Field(
         1, ge=1, le=1024, description="forward passes per optimizer step (effective batch = batch_size x this)"

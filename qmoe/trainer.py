@@ -119,6 +119,10 @@ def _fsync_tree(directory: Path) -> None:
     fsync_dir(directory)
 
 
+def lr_advice(lr: float) -> str:
+    return f"Lower the learning rate (it is {lr:g}): start again with --overwrite train.lr={min(lr / 10, 2e-4):g}"
+
+
 def adapter_is_finite(model) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 
@@ -195,8 +199,7 @@ class QmoeTrainer(Trainer):
             step = self.step_offset + self.state.global_step + 1
             raise NonFiniteLoss(
                 f"loss became {value} at step {step} (lm_loss={float(lm_loss.detach())}); training stopped, the last "
-                f"good checkpoint is kept. Lower the learning rate (train.lr={self.args.learning_rate:g}, try "
-                f"train.lr={self.args.learning_rate / 10:g}) and resume or restart"
+                f"good checkpoint is kept. {lr_advice(self.args.learning_rate)}"
             )
         return (loss, outputs) if return_outputs else loss
 
@@ -210,7 +213,7 @@ class QmoeTrainer(Trainer):
             step = self.step_offset + self.state.global_step
             raise NonFiniteLoss(
                 f"adapter weights became NaN/inf at step {step}; not saving them, the last good checkpoint is kept. "
-                f"Lower the learning rate (train.lr={self.args.learning_rate:g}, try train.lr={self.args.learning_rate / 10:g})"
+                f"{lr_advice(self.args.learning_rate)}"
             )
         root = Path(self.args.output_dir)
         root.mkdir(parents=True, exist_ok=True)
