@@ -25,11 +25,9 @@ RUN_PREFIX = "run:"
 
 
 @dataclass
-class ChatModel:
-    key: str
-    model: object
-    tokenizer: object
-    device: str
+class LoadedModel:
+    key: str  # the dropdown value it was loaded for
+    chat: object  # qmoe.chat.ChatModel
     method: str | None  # None: base model without adapter
 
 
@@ -50,7 +48,7 @@ class ChatModels:
 
     def __init__(self, ctx: UIContext):
         self.ctx = ctx
-        self.current: ChatModel | None = None
+        self.current: LoadedModel | None = None
         self.lock = threading.Lock()
 
     def choices(self) -> list[tuple[str, str]]:
@@ -64,62 +62,54 @@ class ChatModels:
         items += [(f"base model only: {source}", BASE_PREFIX + source) for source in self.ctx.model_choices()]
         return items
 
-    def load(self, key: str) -> ChatModel:
-        """The model for a dropdown value; loads it (replacing the previous one) when needed. Called with
-        ``self.lock`` held."""
+    def load(self, key: str) -> LoadedModel:
+        """The model for a dropdown value, loaded through ``qmoe.chat`` (replacing the previous one) when
+        needed. Called with ``self.lock`` held."""
         if self.current is not None and self.current.key == key:
             return self.current
-        from qmoe.models import load_base_model
+        from qmoe.chat import load_chat_model
 
         from .paths import resolve_model_source
 
+        self.current = None  # free the previous model before loading the next
         if key.startswith(RUN_PREFIX):
             name = key[len(RUN_PREFIX):]
-            adapter = self.ctx.runs.adapter_dir(name)
-            if adapter is None:
+            if self.ctx.runs.adapter_dir(name) is None:
                 raise UnsafePathError(f"run {name} has no saved adapter yet (it is not finished)")
-            recipe = load_recipe(self.ctx.runs.run_dir(name) / "recipe.yaml")
-            m = recipe.model
-            self.current = None  # free the previous model before loading the next
-            model, tokenizer, device = load_base_model(m.source, m.quantization, m.compute_dtype, m.device)
-            qmoe.load_adapter(model, adapter)
-            method = qmoe.adapter_config(model).method
+            chat = load_chat_model(self.ctx.runs.run_dir(name))
+            method = qmoe.adapter_config(chat.model).method
         elif key.startswith(BASE_PREFIX):
-            source = resolve_model_source(key[len(BASE_PREFIX):], self.ctx.models_dir)
-            self.current = None
-            model, tokenizer, device = load_base_model(source)
+            chat = load_chat_model(None, base_source=resolve_model_source(key[len(BASE_PREFIX):], self.ctx.models_dir))
             method = None
         else:
             raise UnsafePathError(f"unknown chat model {key!r}")
-        model.eval()
-        self.current = ChatModel(key, model, tokenizer, device, method)
+        self.current = LoadedModel(key, chat, method)
         return self.current
 
 
-def _prompt_inputs(chat: ChatModel, messages: list[dict]) -> dict:
-    encoded = chat.tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    return {k: v.to(chat.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+def prompt_token_ids(chat, messages: list[dict]) -> list[int]:
+    """The prompt exactly as ``qmoe.chat.stream_reply`` tokenizes it (chat template, no extra specials)."""
+    text = chat.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return chat.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def collect_routing(chat: ChatModel, token_ids: list[int], prompt_len: int) -> Routing:
-    """Per-token weights from the traced forwards of one generation. With the KV cache, the first
-    forward covers the prompt and each later one the previous generated token, so the traces concatenate
-    to one row per token except the last generated token (never fed back)."""
-    texts = [chat.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
-    routing = Routing(tokens=texts, method=chat.method, prompt_tokens=prompt_len)
-    if chat.method is None:
+def collect_routing(loaded: LoadedModel, prompt_ids: list[int], generated: list[str]) -> Routing:
+    """Per-token routing from the traces the generation left in the model (``qmoe.routing``). With the KV
+    cache the first traced forward covers the prompt and each later one the previously generated token, so
+    row i is the routing of token i itself as it went through the layer; the last generated token was
+    never fed back and has no row."""
+    tokenizer = loaded.chat.tokenizer
+    texts = [tokenizer.decode([t], skip_special_tokens=False) for t in prompt_ids] + list(generated)
+    routing = Routing(tokens=texts, method=loaded.method, prompt_tokens=len(prompt_ids))
+    if loaded.method is None:
         return routing
-    for layer, info in qmoe.routing(chat.model).items():
+    for layer, info in qmoe.routing(loaded.chat.model).items():
         traces = info["trace"]
         if not traces:
             continue
-        rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in traces]).numpy()
-        if rows.shape[0] > len(token_ids) and traces[-1].shape[0] <= len(token_ids):
-            rows = traces[-1].numpy()  # a generation without KV cache re-feeds every token each pass
-        full = np.full((len(token_ids), rows.shape[1]), np.nan, dtype=np.float32)
-        n = min(len(token_ids), rows.shape[0])
+        rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in traces]).float().numpy()
+        full = np.full((len(texts), rows.shape[1]), np.nan, dtype=np.float32)
+        n = min(len(texts), rows.shape[0])
         full[:n] = rows[:n]
         routing.layers.append(layer)
         routing.weights[layer] = full
@@ -172,7 +162,7 @@ def build_chat_tab(ctx: UIContext) -> dict:
     with gr.Row():
         token_index = gr.Number(value=None, precision=0, label="Selected token # (or click a token above)",
                                 elem_id="chat-token-index", scale=1)
-        token_plot = gr.Plot(label="Routing weights of the selected token (layers × experts)", format="png",
+        token_plot = gr.Plot(label="Routing weights of the selected token (layers × experts)", show_label=False, format="png",
                              elem_id="chat-token-heatmap", scale=4)
     routing_state = gr.State(Routing())
 
@@ -183,60 +173,40 @@ def build_chat_tab(ctx: UIContext) -> dict:
             yield history, gr.skip(), "type a message first", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         if not key:
-            yield history, gr.skip(), "❌ choose a model first", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield history, gr.skip(), "**Error:** choose a model first", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         history.append({"role": "user", "content": text})
-        yield history, "", "⏳ loading the model and generating…", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        yield history, "", "loading the model and generating…", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
             with models.lock:
-                chat = models.load(key)
-                yield from _generate(chat, history, int(max_tokens), float(temp))
+                loaded = models.load(key)
+                yield from _generate(loaded, history, int(max_tokens), float(temp))
         except Exception as exc:  # noqa: BLE001 - shown to the user; the UI must keep serving
             message_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            yield history, gr.skip(), f"❌ {message_line}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield history, gr.skip(), f"**Error:** {message_line}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
-    def _generate(chat: ChatModel, history, max_tokens, temp):
-        from transformers import TextIteratorStreamer
+    def _generate(loaded: LoadedModel, history, max_tokens, temp):
+        from qmoe.chat import stream_reply
 
         messages = [{"role": m["role"], "content": _content_text(m["content"])} for m in history]
-        inputs = _prompt_inputs(chat, messages)
-        streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(**inputs, max_new_tokens=max_tokens, streamer=streamer, use_cache=True,
-                      pad_token_id=chat.tokenizer.pad_token_id)
-        kwargs.update(do_sample=True, temperature=temp) if temp > 0 else kwargs.update(do_sample=False)
-        result = {}
-
-        def run():
-            try:
-                with torch.no_grad():
-                    if chat.method is None:
-                        result["ids"] = chat.model.generate(**kwargs)
-                    else:
-                        with qmoe.trace_routing(chat.model):
-                            result["ids"] = chat.model.generate(**kwargs)
-            except Exception as exc:  # noqa: BLE001 - re-raised in the request thread below
-                result["error"] = exc
-                streamer.end()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
+        prompt_ids = prompt_token_ids(loaded.chat, messages)
         history = history + [{"role": "assistant", "content": ""}]
-        reply = ""
-        for piece in streamer:
-            reply += piece
+        reply, done = "", None
+        for event in stream_reply(loaded.chat, messages, max_new_tokens=max_tokens, temperature=temp,
+                                  trace=loaded.method is not None):
+            if event.get("done"):
+                done = event
+                break
+            reply += event["text"]
             history[-1] = {"role": "assistant", "content": reply}
-            yield history, gr.skip(), "⏳ generating…", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        worker.join()
-        if "error" in result:
-            raise result["error"]
-        prompt_len = inputs["input_ids"].shape[1]
-        ids = result["ids"][0].tolist()
-        routing = collect_routing(chat, ids, prompt_len)
-        generated = len(ids) - prompt_len
+            yield history, gr.skip(), "generating…", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        history[-1] = {"role": "assistant", "content": done["text"]}
+        routing = collect_routing(loaded, prompt_ids, done["tokens"])
+        prompt_len, generated = len(prompt_ids), len(done["tokens"])
         if not routing.layers:
-            note = "no router: base model" if chat.method is None else f"no router: {chat.method} has no experts"
-            yield (history, gr.skip(), f"✅ {generated} tokens · {note}", routing,
-                   gr.update(choices=[], value=None), [], gr.skip(), None)
+            note = "no router: base model" if loaded.method is None else f"no router: {loaded.method} has no experts"
+            yield (history, gr.skip(), f"{generated} tokens generated · {note}", routing,
+                   gr.update(choices=[], value=None), [], None, None)
             return
         first = routing.layers[0]
         pairs, colors = highlighted_tokens(routing, first)
@@ -244,7 +214,7 @@ def build_chat_tab(ctx: UIContext) -> dict:
         yield (
             history,
             gr.skip(),
-            f"✅ {generated} tokens generated · routing recorded in {len(routing.layers)} layers",
+            f"{generated} tokens generated · routing recorded in {len(routing.layers)} layers",
             routing,
             gr.update(choices=[(short_layer_name(n), n) for n in routing.layers], value=first),
             gr.update(value=pairs, color_map=colors),

@@ -53,7 +53,7 @@ def build_compare_tab(ctx: UIContext) -> dict:
         selected = gr.Dropdown(choices=runs, value=runs[:2], multiselect=True, label="Runs to compare",
                                elem_id="compare-runs", scale=4)
         refresh_button = gr.Button("Compare", variant="primary", scale=1, elem_id="compare-button")
-    curves = gr.Plot(label="Loss curves", elem_id="compare-curves", format="png")
+    curves = gr.Plot(label="Loss curves", show_label=False, elem_id="compare-curves", format="png")
     table = gr.Dataframe(headers=COMPARE_HEADERS, interactive=False, label="Runs side by side", wrap=True,
                          elem_id="compare-table")
 

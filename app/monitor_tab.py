@@ -37,7 +37,7 @@ def status_markdown(info: dict, records: list[dict], eval_result: dict | None) -
         parts.append(f"eval accuracy {eval_result['accuracy']:.1%} on {eval_result.get('n', '?')} ({eval_result.get('task', '')})")
     text = " · ".join(parts)
     if info.get("error") and state == "failed":
-        text += f"\n\n❌ **Error:** `{info['error']}`"
+        text += f"\n\n**Error:** `{info['error']}`"
     return text
 
 
@@ -48,14 +48,14 @@ def build_monitor_tab(ctx: UIContext) -> dict:
         live = gr.Checkbox(value=True, label=f"Live refresh (every {REFRESH_SECONDS:.0f} s)", scale=1)
         refresh_button = gr.Button("Refresh now", scale=1)
     status = gr.Markdown(elem_id="monitor-status")
-    curves = gr.Plot(label="Training curves", elem_id="monitor-curves", format="png")
+    curves = gr.Plot(label="Training curves", show_label=False, elem_id="monitor-curves", format="png")
     gr.Markdown("### Expert load")
     step = gr.Slider(minimum=0, maximum=1, value=0, step=1, label="Logged step to show (drag to replay)",
                      elem_id="monitor-step", interactive=True)
     follow = gr.Checkbox(value=True, label="Follow the latest step")
     with gr.Row():
-        heatmap = gr.Plot(label="Expert load heatmap (layers × experts)", elem_id="monitor-heatmap", format="png", scale=3)
-        imbalance = gr.Plot(label="Imbalance per layer", elem_id="monitor-imbalance", format="png", scale=2)
+        heatmap = gr.Plot(label="Expert load heatmap (layers × experts)", show_label=False, elem_id="monitor-heatmap", format="png", scale=3)
+        imbalance = gr.Plot(label="Imbalance per layer", show_label=False, elem_id="monitor-imbalance", format="png", scale=2)
     table = gr.Dataframe(headers=IMBALANCE_HEADERS, interactive=False, label="Imbalance per layer",
                          elem_id="monitor-imbalance-table")
     seen = gr.State(None)  # (run, file signature) last drawn, so an idle refresh redraws nothing
@@ -89,7 +89,7 @@ def build_monitor_tab(ctx: UIContext) -> dict:
             records = ctx.runs.metrics(name)
             view = load_view(name, index, follow_latest)
         except (OSError, UnsafePathError) as exc:
-            return [f"❌ {exc}"] + [gr.skip()] * 5 + [previous]
+            return [f"**Error:** {exc}"] + [gr.skip()] * 5 + [previous]
         title = f"{name} ({info.get('method') or ''})"
         return [status_markdown(info, records, ctx.runs.eval_result(name)), training_curves(records, title), *view, signature]
 

@@ -168,7 +168,7 @@ def imbalance_figure(expert_load: dict[str, list[float]], method: str | None = N
     rows = imbalance_rows(expert_load)
     if not rows:
         return empty_figure("no expert load recorded", (8, 2.5))
-    fig = Figure(figsize=(8, min(1.5 + 0.2 * len(rows), 30)), layout="constrained")
+    fig = Figure(figsize=(7, min(max(3.5, 1.5 + 0.3 * len(rows)), 30)), layout="constrained")
     ax = fig.add_subplot()
     colors = ["#d62728" if r[4] == "collapsed experts" else ("#ff7f0e" if r[4] == "imbalanced" else "#2ca02c") for r in rows]
     ax.barh(range(len(rows)), [r[1] for r in rows], color=colors)
@@ -177,7 +177,7 @@ def imbalance_figure(expert_load: dict[str, list[float]], method: str | None = N
     ax.invert_yaxis()
     ax.axvline(0.5, color="#777", linestyle=":", linewidth=1)
     ax.set_xlabel("coefficient of variation of the load (0 = perfectly balanced)")
-    ax.set_title("Per-layer imbalance  (red: collapsed experts, orange: CV > 0.5)")
+    ax.set_title("Per-layer imbalance\n(red: collapsed experts, orange: CV > 0.5)")
     return fig
 
 

@@ -14,7 +14,6 @@ from .paths import UnsafePathError, list_recipes
 from .recipe_form import FIELDS, RecipeError, build_recipe, field_info, method_field_values, method_uses, recipe_form_values
 
 RUN_HEADERS = ["run", "state", "step", "method", "started", "last error"]
-STATE_ICONS = {"running": "🟢", "starting": "🟡", "stopping": "🟠", "finished": "✅", "failed": "❌", "stopped": "⏹️"}
 
 
 def runs_table(ctx: UIContext) -> list[list]:
@@ -33,7 +32,7 @@ def runs_table(ctx: UIContext) -> list[list]:
         state = info["state"]
         rows.append([
             name,
-            f"{STATE_ICONS.get(state, '')} {state}".strip(),
+            state,
             progress,
             info.get("method") or "",
             started or "",
@@ -47,11 +46,11 @@ def _form_dict(values) -> dict:
 
 
 def _ok(message: str) -> str:
-    return f"✅ {message}"
+    return f"**OK:** {message}"
 
 
 def _refused(message: str) -> str:
-    return f"❌ **Refused:** {message}"
+    return f"**Refused:** {message}"
 
 
 def build_train_tab(ctx: UIContext) -> dict:
