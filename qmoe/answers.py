@@ -40,7 +40,7 @@ def extract_number(text: str) -> float | None:
 
 
 def numbers_equal(a: float | None, b: float | None) -> bool:
-    return a is not None and b is not None and abs(a - b) <= 1e-4 * max(1.0, abs(b))
+    return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
 
 
 def extract_letter(text: str) -> str | None:
