@@ -1,0 +1,79 @@
+"""``qmoe bench``: time and memory of each adapter method against PEFT LoRA and the per-expert loop."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="the small plan (under 5 minutes on a 2-core CPU)")
+    parser.add_argument("--json", metavar="FILE", help="also write every comparison as JSON to FILE")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown to FILE")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-memory child processes")
+    parser.add_argument(
+        "--methods", nargs="+", metavar="METHOD",
+        help="restrict layer and step comparisons to these (moelora loracoe loramoe lora moelora-nocl)",
+    )
+
+
+def run(args) -> int:
+    import torch
+
+    from ..cli import UsageError
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA GPU is available (use --device cpu)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads {args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
+
+    import transformers
+    from rich.console import Console
+
+    from ..bench import plan_for, run_bench
+    from ..bench.adapters import METHOD_SETTINGS
+    from ..bench.report import markdown, print_table, write_json
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    plan = plan_for(device, quick=args.quick)
+    if args.methods:
+        unknown = [m for m in args.methods if m not in METHOD_SETTINGS]
+        if unknown:
+            raise UsageError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_SETTINGS)}")
+        plan.layer_methods = [m for m in args.methods if m != "moelora-nocl"]
+        plan.step_methods = list(args.methods)
+    plan.memory = not args.no_memory
+    err = Console(stderr=True)
+    result = run_bench(plan, progress=lambda msg: err.print(msg, highlight=False))
+    result["meta"]["command"] = "qmoe bench " + " ".join(_argv(args))
+    print_table(result)
+    if args.json:
+        write_json(result, args.json)
+    if args.markdown:
+        from pathlib import Path
+
+        Path(args.markdown).write_text(markdown(result))
+    return 0
+
+
+def _argv(args) -> list[str]:
+    parts = []
+    if args.quick:
+        parts.append("--quick")
+    parts += ["--device", args.device]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    if args.no_memory:
+        parts.append("--no-memory")
+    if args.methods:
+        parts += ["--methods", *args.methods]
+    if args.json:
+        parts += ["--json", args.json]
+    return parts
