@@ -67,7 +67,7 @@ def training_curves(records: list[dict], title: str = "") -> Figure:
         if values:
             ax.plot(steps, values, style, marker="o", markersize=3, label=label)
     ax.set(title="Training loss", xlabel="step", ylabel="loss (nats/token)")
-    ax.legend(loc="upper right")
+    ax.legend(loc="best")
     ax = axes[0, 1]
     plotted = False
     for key, label in (("balance_loss", "balance loss"), ("contrastive_loss", "contrastive loss")):
@@ -77,7 +77,7 @@ def training_curves(records: list[dict], title: str = "") -> Figure:
             plotted = True
     ax.set(title="Auxiliary losses (unweighted)", xlabel="step", ylabel="loss")
     if plotted:
-        ax.legend(loc="upper right")
+        ax.legend(loc="best")
     else:
         ax.text(0.5, 0.5, "none for this method", ha="center", va="center", transform=ax.transAxes, color="#777")
     ax = axes[1, 0]

@@ -29,6 +29,8 @@ def runs_table(ctx: UIContext) -> list[list]:
         started = info.get("started")
         if isinstance(started, (int, float)):
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+        elif isinstance(started, str):  # ISO 8601 from the pipeline: date and time are enough here
+            started = started[:19].replace("T", " ")
         state = info["state"]
         rows.append([
             name,

@@ -111,6 +111,7 @@ def test_two_simultaneous_launches_get_separate_directories_and_failures_show_th
     """A model the offline machine cannot load: both runs start as real `qmoe finetune` processes in their
     own folders, fail, and the runs table shows the pipeline's error line (the UI keeps serving)."""
     client, ctx = ui
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # inherited by the launched processes: offline on any machine
     args = form_args(**{"model.source": "nobody/no-such-model", "train.max_steps": 1})
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda _: client.predict(*args, api_name="/launch"), range(2)))

@@ -76,15 +76,20 @@ def set_number(page, field: str, value) -> None:
 
 
 def choose(page, elem_id: str, value: str) -> None:
-    """Pick ``value`` in a Gradio dropdown by typing it and taking the matching option."""
+    """Pick ``value`` in a Gradio dropdown by typing it and taking the matching option (or, for a custom
+    value such as a model folder name, pressing Enter)."""
     box = page.locator(f"#{elem_id} input")
-    box.click()
-    box.fill(value)
     option = page.locator(f"#{elem_id} [role=option]", has_text=value).first
-    if option.count():
-        option.click()
-    else:  # a custom value (allowed for the model source)
-        box.press("Enter")
+    for attempt in range(3):  # a live refresh may re-render the option list under the pointer
+        box.click()
+        box.fill(value)
+        try:
+            option.wait_for(timeout=3000)
+            option.click(timeout=3000)
+            break
+        except playwright_api.TimeoutError:
+            if attempt == 2:
+                box.press("Enter")
     page.keyboard.press("Escape")
 
 
@@ -162,6 +167,7 @@ def test_monitor_tab_shows_curves_and_expert_load(page, served):
 def test_chat_tab_streams_a_reply_with_routing_colours(page, served):
     first, _ = page.run_names
     page.get_by_role("tab", name="Chat").click()
+    page.wait_for_timeout(1000)  # the tab's select event refreshes the model list
     choose(page, "chat-model", first)
     page.locator("#chat-input textarea").fill("Tom has 3 apples and buys 5 more. How many apples does he have?")
     page.click("#chat-send")
@@ -187,6 +193,7 @@ def test_chat_tab_streams_a_reply_with_routing_colours(page, served):
 def test_compare_tab_puts_both_runs_side_by_side(page):
     first, second = page.run_names
     page.get_by_role("tab", name="Compare").click()
+    page.wait_for_timeout(1000)  # the tab's select event refreshes the run list
     choose(page, "compare-runs", first)
     choose(page, "compare-runs", second)
     page.click("#compare-button")
