@@ -229,14 +229,13 @@ def test_adapter_for_another_base_names_the_layer_and_shape(make_recipe, tmp_pat
 
 
 def test_concurrent_runs_write_separate_directories_and_never_share_one(make_recipe, tmp_path):
+    from qmoe.rundir import RunLock
+
     train = {"max_steps": 6, "checkpoint_steps": 3}
     first = write_recipe(tmp_path / "a.yaml", make_recipe(run="a", train=train))
     second = write_recipe(tmp_path / "b.yaml", make_recipe(run="b", train=train))
     run_a, run_b = qmoe_popen("finetune", first), qmoe_popen("finetune", second)
     try:
-        wait_for(lambda: (tmp_path / "a" / "status.json").exists(), process=run_a)
-        clash = qmoe_cli("finetune", first, "--output-dir", tmp_path / "a", "--resume")
-        assert clash.returncode == 2 and "in use by pid" in clash.stderr
         outputs = [p.communicate(timeout=300) for p in (run_a, run_b)]
     finally:
         for p in (run_a, run_b):
@@ -249,6 +248,15 @@ def test_concurrent_runs_write_separate_directories_and_never_share_one(make_rec
     for name in ("a", "b"):
         assert [r["step"] for r in read_jsonl(tmp_path / name / "metrics.jsonl")] == list(range(1, 7))
         assert (tmp_path / name / "adapter" / "adapter.safetensors").is_file()
+
+    # a directory in use by a live run (here: this test holding its lock) is refused, not shared
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    write_recipe(busy / "recipe.yaml", make_recipe(run="busy", train=train))
+    with RunLock(busy):
+        clash = qmoe_cli("finetune", busy)
+    assert clash.returncode == 2 and f"in use by pid {os.getpid()}" in clash.stderr
+    assert not (busy / "metrics.jsonl").exists() and not (busy / "status.json").exists()
 
 
 def test_metrics_log_drops_steps_after_the_checkpoint_and_a_torn_line(tmp_path):
