@@ -159,3 +159,14 @@ def test_lora_recipe_matches_moelora_parameter_count():
     moelora, lora = _adapter_parameter_count("gsm8k.yaml"), _adapter_parameter_count("gsm8k-lora.yaml")
     assert moelora == 41_000_960 and lora == 41_545_728
     assert abs(lora - moelora) / moelora < 0.015
+
+
+def test_finetune_options_may_follow_the_overrides():
+    from qmoe.cli import build_parser
+    from qmoe.commands.finetune import _with_trailing_options
+
+    args = build_parser().parse_args(["finetune", "r.yaml", "adapter.top_k=1", "--no-eval", "train.max_steps=5",
+                                      "--output-dir", "runs/x"])
+    args = _with_trailing_options(args)
+    assert args.path == "r.yaml" and args.overrides == ["adapter.top_k=1", "train.max_steps=5"]
+    assert args.no_eval and args.output_dir == "runs/x" and not args.resume

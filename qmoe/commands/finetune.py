@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..cli import UsageError
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser, overrides_nargs=argparse.REMAINDER) -> None:
     parser.add_argument("path", metavar="PATH", help="recipe YAML, or a run directory containing recipe.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    # REMAINDER keeps options given after the overrides; run() re-parses them (argparse cannot intermix
+    # positionals and options under subcommands)
+    parser.add_argument("overrides", nargs=overrides_nargs, metavar="KEY=VALUE",
                         help="recipe overrides, e.g. adapter.top_k=1 train.max_steps=50 (values parsed as YAML)")
     parser.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, or PATH if it is a run directory)")
     parser.add_argument("--resume", action="store_true", help="continue the run in the output directory from its last checkpoint")
@@ -17,9 +20,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
 
 
+def _with_trailing_options(args):
+    """Options written after the overrides (``qmoe finetune r.yaml a=1 --no-eval``), parsed properly."""
+    if not any(item.startswith("-") for item in args.overrides):
+        return args
+    parser = argparse.ArgumentParser(prog="qmoe finetune")
+    add_arguments(parser, overrides_nargs="*")
+    argv = [args.path, *args.overrides]
+    argv += ["--output-dir", args.output_dir] if args.output_dir else []
+    argv += [flag for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite),
+                                   ("--no-eval", args.no_eval)) if on]
+    return parser.parse_intermixed_args(argv)
+
+
 def run(args) -> int:
     from ..pipeline import run_finetune
     from ..recipe import load_recipe
+
+    args = _with_trailing_options(args)
 
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
