@@ -243,9 +243,7 @@ def resolve_eval_task(task: str) -> tuple[str, str]:
         return "letter", name
     if task == "commonsense" or name in CHOICE_TASKS:
         return "choice", name
-    if task == "jsonl":
-        return "exact", name
-    return "exact", name
+    return "exact", name  # jsonl and unknown test files: normalised exact match (numbers compared as numbers)
 
 
 def load_test_records(task: str, path: str | None = None, limit: int | None = None, data=None) -> list[dict]:

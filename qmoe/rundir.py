@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from .cli import UsageError
-from .io import atomic_write_json, fsync_dir, read_jsonl
+from .io import atomic_write_json, atomic_write_text, fsync_dir, read_jsonl
 
 RECIPE = "recipe.yaml"
 STATUS = "status.json"
@@ -113,8 +113,6 @@ class MetricsLog:
         records = read_jsonl(self.path)
         kept = [r for r in records if r.get("step", 0) <= step]
         if len(kept) != len(records) or self._has_torn_tail():
-            from .io import atomic_write_text
-
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _has_torn_tail(self) -> bool:
