@@ -26,7 +26,7 @@ def compare_rows(ctx: UIContext, names: list[str]) -> tuple[list[list], dict[str
             result = ctx.runs.eval_result(name) or {}
         except (OSError, UnsafePathError):
             continue
-        curves[name] = records
+        curves[f"{name} ({info.get('method') or '?'})"] = records  # legend label says the method too
         losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
         speeds = [r["tokens_per_s"] for r in records if isinstance(r.get("tokens_per_s"), (int, float))]
         memory = [r["peak_mem_mb"] for r in records if isinstance(r.get("peak_mem_mb"), (int, float))]

@@ -38,6 +38,7 @@ FIELDS = (
     FormField("train.max_steps", "Max steps (empty = from epochs)", "int"),
     FormField("train.batch_size", "Batch size", "int"),
     FormField("train.gradient_accumulation", "Gradient accumulation", "int"),
+    FormField("train.logging_steps", "Log metrics every N steps (Monitor tab)", "int"),
     FormField("data.max_length", "Max length (tokens per example)", "int"),
     FormField("data.limit", "Training examples (empty = all)", "int"),
     FormField("eval.enabled", "Evaluate after training", "bool"),

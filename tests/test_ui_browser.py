@@ -93,6 +93,13 @@ def choose(page, elem_id: str, value: str) -> None:
     page.keyboard.press("Escape")
 
 
+def wait_until_idle(page) -> None:
+    """Until no event is in flight (Gradio dims outputs while their event runs)."""
+    page.wait_for_function("!document.querySelector('.pending, .generating, [data-testid=status-tracker].wrap:not(.hide)')",
+                           timeout=30_000)
+    page.wait_for_timeout(500)
+
+
 def screenshot(page, name: str) -> Path:
     path = SHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
@@ -119,7 +126,7 @@ def launched_name(page, previous: str | None) -> str:
 def test_train_tab_launches_the_quickstart_recipe_on_a_tiny_model(page, served):
     _, ctx = served
     choose(page, "field-model-source", "tiny-chat")
-    for field, value in (("train-max_steps", 6), ("data-max_length", 64), ("data-limit", 32), ("eval-limit", 4),
+    for field, value in (("train-max_steps", 6), ("train-logging_steps", 2), ("data-max_length", 64), ("data-limit", 32), ("eval-limit", 4),
                          ("train-batch_size", 4)):
         set_number(page, field, value)
     # an invalid value is refused in the form with the schema's reason, and nothing starts
@@ -155,6 +162,7 @@ def test_monitor_tab_shows_curves_and_expert_load(page, served):
     playwright_api.expect(page.locator("#monitor-imbalance-table")).to_contain_text("L0", timeout=20_000)
     assert ctx.runs.status(first)["state"] == "finished"
     page.wait_for_timeout(2500)  # let the last live refresh land before the picture
+    wait_until_idle(page)
     screenshot(page, "monitor")
     for name in (first, second):  # the LoRACoE run must finish too (the Compare tab shows both)
         deadline_ms = TRAIN_TIMEOUT_MS
@@ -187,6 +195,7 @@ def test_chat_tab_streams_a_reply_with_routing_colours(page, served):
     assert 0 < int(index_box.input_value()) < first_generated
     playwright_api.expect(page.locator("#chat-token-heatmap img")).not_to_have_attribute("src", heatmap_before,
                                                                                         timeout=20_000)
+    wait_until_idle(page)
     screenshot(page, "chat")
 
 
@@ -201,4 +210,5 @@ def test_compare_tab_puts_both_runs_side_by_side(page):
     table = page.locator("#compare-table")
     playwright_api.expect(table).to_contain_text("moelora", timeout=20_000)
     playwright_api.expect(table).to_contain_text("loracoe")
+    wait_until_idle(page)
     screenshot(page, "compare")
