@@ -90,19 +90,23 @@ def plan_for(device: str, quick: bool = False) -> BenchPlan:
             _layers(BUILTIN, SMOLLM2, ["q_proj", "up_proj"], 512) + _layers("llama-1b", LLAMA_1B, ["q_proj"], 256),
             ALL_METHODS,
             [StepCase(BUILTIN, 2, 128, layers=4)],
-            ["moelora", "loracoe"],
+            ["moelora", "loracoe", "moelora-nocl"],
             layer_repeats=5, step_repeats=3, warmup=1, name="quick",
             notes=["SmolLM2-135M steps keep its first 4 of 30 decoder layers (real layer shapes) to fit in 5 minutes"],
         )
+    # CPU full plan: sized for about 30 minutes on a shared 2-core machine, hence truncated depths
     return BenchPlan(
         device,
         _layers(BUILTIN, SMOLLM2, ["q_proj", "up_proj", "down_proj"], 1024)
-        + _layers("llama-1b", LLAMA_1B, ["q_proj", "up_proj", "down_proj"], 512),
+        + _layers("llama-1b", LLAMA_1B, ["q_proj", "up_proj", "down_proj"], 256),
         ALL_METHODS,
-        [StepCase(BUILTIN, 4, 256), StepCase("llama-1b", 1, 256, layers=2)],
+        [StepCase(BUILTIN, 2, 256, layers=8), StepCase("llama-1b", 1, 128, layers=1)],
         ALL_METHODS + ["moelora-nocl"],
-        layer_repeats=9, step_repeats=5, warmup=1, name="full",
-        notes=["llama-1b steps keep 2 of its 16 decoder layers on CPU (real shapes; a full step takes minutes here)"],
+        layer_repeats=7, step_repeats=4, warmup=1, name="full",
+        notes=[
+            "SmolLM2-135M steps keep 8 of its 30 decoder layers, llama-1b steps 1 of 16 (real layer shapes): "
+            "a full-depth step takes minutes on this CPU",
+        ],
     )
 
 

@@ -50,11 +50,13 @@ def print_table(result: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(width=max(Console().width, 170))  # a CI log is not 80 columns of text
     meta = result["meta"]
-    table = Table(title=f"qmoe bench ({meta.get('plan', {}).get('name', '')}) on {meta['device_name']}", show_lines=False)
+    title = f"qmoe bench ({meta.get('plan', {}).get('name', '')}) on {meta['device_name']}, {meta['torch_threads']} thread(s)"
+    table = Table(title=title, show_lines=False)
     for h in HEADERS:
-        table.add_column(h, justify="right" if h.startswith(("×", "time", "baseline time", "peak")) else "left")
+        right = h.startswith(("×", "time", "baseline time", "peak"))
+        table.add_column(h, justify="right" if right else "left", no_wrap=True)
     for row in rows(result["records"]):
         table.add_row(*row)
     console.print(table)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -10,7 +11,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write every comparison as JSON to FILE")
     parser.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown to FILE")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
-    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, metavar="N",
+        help="torch CPU threads; default 1 on CPU: on a shared machine two threads wait on each other and small "
+        "ops slow down 10-100x, drowning what is measured (pass 2+ on a dedicated machine)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-memory child processes")
     parser.add_argument(
         "--methods", nargs="+", metavar="METHOD",
@@ -28,10 +33,12 @@ def run(args) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA GPU is available (use --device cpu)")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads {args.threads}: must be >= 1")
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else (1 if device == "cpu" else None)
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads {threads}: must be >= 1")
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the peak-memory child processes inherit it
 
     import transformers
     from rich.console import Console
