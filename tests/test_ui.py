@@ -238,3 +238,62 @@ def test_qmoe_ui_help_lists_its_options():
     sub = build_parser()._subparsers._group_actions[0].choices["ui"]
     text = sub.format_help()
     assert "--host" in text and "--port" in text and "--runs-dir" in text and "127.0.0.1" in text
+
+
+def test_chat_routing_view_is_the_routing_of_each_token_during_generation(tmp_path):
+    """The Chat tab's per-token routing (collected from the generation's traces: prompt pass, then one
+    cached pass per generated token) equals the routing a single full-sequence forward gives every token
+    of prompt + reply: each row is that token's own route, aligned with its text."""
+    import torch
+
+    import qmoe
+    from app.chat_tab import LoadedModel, collect_routing, highlighted_tokens, prompt_token_ids
+    from pipeline_support import build_tiny_chat_model
+    from qmoe.chat import ChatModel, stream_reply
+    from qmoe.models import load_tokenizer
+    from qmoe.testing import load_model
+
+    folder = build_tiny_chat_model(tmp_path / "tiny-chat")
+    model = load_model(folder)
+    torch.manual_seed(0)
+    qmoe.attach(model, qmoe.AdapterConfig(method="moelora", r=2, num_experts=4, top_k=2, target_modules=["q_proj", "down_proj"]))
+    model.eval()
+    model.config.use_cache = True
+    tokenizer = load_tokenizer(str(folder))
+    routed = [name for name, layer in qmoe.adapter_layers(model).items() if layer.routed]
+    chat = ChatModel(model, tokenizer, str(folder), tmp_path, routed)  # what qmoe.chat.load_chat_model builds
+    loaded = LoadedModel("test", chat, "moelora")
+    messages = [{"role": "user", "content": "Tom has 3 apples and buys 5 more."}]
+    prompt = prompt_token_ids(chat, messages)
+    done = [e for e in stream_reply(chat, messages, max_new_tokens=6, trace=True) if e.get("done")][0]
+    routing = collect_routing(loaded, prompt, done["tokens"])
+
+    n_tokens = len(prompt) + len(done["tokens"])
+    assert len(routing.tokens) == n_tokens and len(routing.layers) == 4  # 2 layers x (q_proj, down_proj)
+    with torch.no_grad():  # greedy decoding is deterministic: the same ids stream_reply produced
+        full_ids = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)
+    assert full_ids.shape[1] == n_tokens
+    assert [tokenizer.decode([int(i)]) for i in full_ids[0, len(prompt):]] == done["tokens"]
+    with torch.no_grad(), qmoe.trace_routing(model):
+        model(input_ids=full_ids, use_cache=False)
+        reference = {name: info["trace"][0] for name, info in qmoe.routing(model).items()}
+    for layer in routing.layers:
+        rows = routing.weights[layer]
+        assert not np_isnan_any(rows[:-1]) and np_isnan_all(rows[-1])  # the final token never went through
+        torch.testing.assert_close(torch.from_numpy(rows[:-1]), reference[layer][:-1], atol=1e-4, rtol=1e-4)
+    pairs, colors = highlighted_tokens(routing, routing.layers[0])
+    assert [p[0] for p in pairs] == routing.tokens and pairs[-1][1] is None
+    assert {p[1] for p in pairs[:-1]} <= set(colors) and len(colors) == 4
+
+
+def np_isnan_any(a) -> bool:
+    import numpy as np
+
+    return bool(np.isnan(a).any())
+
+
+def np_isnan_all(a) -> bool:
+    import numpy as np
+
+    return bool(np.isnan(a).all())
