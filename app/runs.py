@@ -162,11 +162,17 @@ class RunManager:
             return f"{name} is not running ({info['state']})"
         pid = info.get("pid")
         try:
-            os.killpg(os.getpgid(int(pid)), signal.SIGTERM)
+            pid = int(pid)
+            if os.getpgid(pid) == pid:  # launched by the UI: it leads its own group (workers included)
+                os.killpg(pid, signal.SIGTERM)
+                target = f"process group {pid}"
+            else:  # started elsewhere (e.g. `qmoe finetune` in a shell): never signal a group it merely joined
+                os.kill(pid, signal.SIGTERM)
+                target = f"process {pid}"
         except (ProcessLookupError, TypeError, ValueError):
             return f"{name}: process {pid} is already gone"
         atomic_write_json(run_dir / "stop-requested.json", {"time": time.time(), "by": "qmoe ui"})
-        return f"stop requested for {name} (SIGTERM to process group {pid}); it saves a checkpoint and exits"
+        return f"stop requested for {name} (SIGTERM to {target}); it saves a checkpoint and exits"
 
     def _alive(self, name: str, pid: int | None) -> bool:
         with self._lock:

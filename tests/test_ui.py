@@ -297,3 +297,29 @@ def np_isnan_all(a) -> bool:
     import numpy as np
 
     return bool(np.isnan(a).all())
+
+
+def test_stop_from_the_ui_makes_the_real_pipeline_checkpoint_and_report_stopped(tmp_path, monkeypatch):
+    """Stop on a real `qmoe finetune` launched like the Train tab does: the pipeline gets SIGTERM, saves
+    a checkpoint, and the UI shows the run as stopped with the pipeline's resume hint."""
+    import yaml
+
+    from pipeline_support import arithmetic_items, build_tiny_chat_model, tiny_recipe, write_jsonl
+
+    model_dir = build_tiny_chat_model(tmp_path / "tiny-chat")
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", arithmetic_items(64))
+    write_jsonl(data / "test.jsonl", arithmetic_items(4, start=500))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    runs = RunManager(tmp_path / "runs")
+    run_dir = runs.new_run_dir("tiny")
+    recipe = tiny_recipe(model_dir, data, run_dir, train={"max_steps": 5000, "logging_steps": 1, "checkpoint_steps": 4000})
+    name = runs.launch_in(run_dir, yaml.safe_dump(recipe, sort_keys=False))
+    assert _wait(lambda: (runs.status(name).get("step") or 0) >= 2, timeout=120), runs.log_tail(name)
+    assert "process group" in runs.stop(name)
+    assert runs.status(name)["state"] in ("stopping", "stopped")
+    assert _wait(lambda: runs.status(name)["state"] == "stopped", timeout=120), runs.log_tail(name)
+    assert "--resume" in runs.status(name)["error"]
+    assert any((run_dir / "checkpoints").iterdir())
