@@ -140,8 +140,10 @@ def build_chat_tab(ctx: UIContext) -> dict:
     choices = models.choices()
     gr.Markdown(
         "Chat with a finished run's adapter (or the base model alone). Under each reply: the prompt and the "
-        "reply's tokens coloured by their top expert at the chosen layer, as routed during generation. "
-        "Click a token to see its routing weights in every layer."
+        "reply's tokens coloured by their top expert at the chosen layer, as each token was routed when it "
+        "went through the model during this generation (the reply's last token is never fed back, so it has "
+        "no colour). Click a token to see its routing weights in every layer. For LoRACoE the columns are "
+        "the LoRA ranks (rank-composition weights)."
     )
     with gr.Row():
         model_choice = gr.Dropdown(choices=choices, value=choices[0][1] if choices else None,
