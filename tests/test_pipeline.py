@@ -155,7 +155,9 @@ def test_lora_reports_an_empty_expert_load(make_recipe):
     check_metrics(Path(recipe.output_dir), num_experts=None, expected_steps=[1, 2])
 
 
-def test_eval_command_on_run_and_base(make_recipe, tmp_path):
+def test_eval_command_on_run_and_base(make_recipe, tmp_path, capsys):
+    from qmoe.cli import main
+
     recipe = validate_recipe(make_recipe(train={"max_steps": 2}, eval={"enabled": False}))
     run_dir = Path(recipe.output_dir)
     assert run_finetune(recipe, run_dir) == 0
@@ -165,14 +167,18 @@ def test_eval_command_on_run_and_base(make_recipe, tmp_path):
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["n"] == 3 and result["adapter"].endswith("adapter")
 
-    base = qmoe_cli("eval", run_dir, "--limit", "2", "--base-only")
-    assert base.returncode == 0, base.stderr[-3000:]
+    # the same command in-process (no interpreter start-up): base model alone, then another task
+    assert main(["eval", str(run_dir), "--limit", "2", "--base-only"]) == 0
+    assert "(base)" in capsys.readouterr().out
     assert json.loads((run_dir / "eval-base.json").read_text())["adapter"] is None
 
     jsonl = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Say 7", "answer": "7"}, {"question": "Say 8", "answer": "8"}])
-    other = qmoe_cli("eval", run_dir / "adapter", "--task", "jsonl", "--data", jsonl, "--base", recipe.model.source)
-    assert other.returncode == 0, other.stderr[-3000:]
-    assert json.loads((run_dir / "adapter" / "eval-jsonl.json").read_text())["n"] == 2
+    assert main(["eval", str(run_dir / "adapter"), "--task", "jsonl", "--data", str(jsonl),
+                 "--base", recipe.model.source]) == 0
+    other = json.loads((run_dir / "adapter" / "eval-jsonl.json").read_text())
+    assert other["n"] == 2 and other["kind"] == "exact"
+    assert main(["eval", str(run_dir), "--limit", "0"]) == 2
+    assert "--limit must be >= 1" in capsys.readouterr().err
 
 
 def test_eval_on_an_llm_adapters_test_set(make_recipe, shared_dir):
