@@ -18,8 +18,7 @@ COMMANDS = {
 }
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit status 2, no traceback."""
+from qmoe.errors import UsageError  # absolute: the same class when this file runs as __main__
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,7 +45,8 @@ def qmoe_command(*args: str) -> list[str]:
 
 def _run(cmd: list[str], log: Path) -> tuple[int, float]:
     """Run a subprocess with its output teed into ``log``; (exit status, wall seconds)."""
-    print("$ " + shlex.join(cmd[2:] if cmd[:3] == [sys.executable, "-m", "qmoe.cli"] else cmd), flush=True)
+    shown = ["qmoe", *cmd[3:]] if cmd[:3] == [sys.executable, "-m", "qmoe.cli"] else cmd
+    print("$ " + shlex.join(shown), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "a", encoding="utf-8") as sink:

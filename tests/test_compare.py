@@ -58,5 +58,5 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
     # a second run reuses everything: no training or evaluation subprocess output
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0
-    assert "$ finetune" not in again.stdout and "$ eval" not in again.stdout
+    assert "$ qmoe finetune" not in again.stdout and "$ qmoe eval" not in again.stdout
     assert results.read_text().count("qmoe compare: begin") == 1
