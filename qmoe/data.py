@@ -270,6 +270,13 @@ def load_test_records(task: str, path: str | None = None, limit: int | None = No
 
 # ------------------------------------------------------------------------------------------- tokenization
 
+def apply_prompt_template(records: list[dict], template: str) -> list[dict]:
+    """Records with ``prompt`` put into the recipe's ``data.prompt_template`` ('{prompt}' = unchanged)."""
+    if template == "{prompt}":
+        return records
+    return [{**r, "prompt": template.replace("{prompt}", r["prompt"])} for r in records]
+
+
 def chat_prompt(tokenizer, prompt: str, system_prompt: str | None = None) -> str:
     """The prompt rendered through the tokenizer's chat template, ending where the assistant answer starts."""
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": prompt}]

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .answers import score
-from .data import chat_prompt, load_test_records, resolve_eval_task
+from .data import apply_prompt_template, chat_prompt, load_test_records, resolve_eval_task
 from .io import atomic_write_json
 
 log = logging.getLogger("qmoe")
@@ -87,6 +87,8 @@ def run_evaluation(model, tokenizer, *, task: str, path: str | None, limit: int 
     """Load the test set of ``task``, evaluate, and write ``out_file`` atomically when given."""
     kind, name = resolve_eval_task(task)
     records = load_test_records(task, path, limit, data_section)
+    if data_section is not None:  # evaluate with the prompt format the adapter was trained on
+        records = apply_prompt_template(records, data_section.prompt_template)
     log.info("evaluating on %d %s examples", len(records), name)
     result = evaluate_records(model, tokenizer, records, kind, task=name, batch_size=batch_size,
                               max_new_tokens=max_new_tokens, system_prompt=system_prompt)

@@ -251,7 +251,7 @@ def _train_and_evaluate(recipe: Recipe, run_dir: Path, status: StatusFile, stop,
     from transformers import set_seed
 
     from . import adapter_parameters, attach, set_stage
-    from .data import PadCollator, load_train_records, tokenize_records
+    from .data import PadCollator, apply_prompt_template, load_train_records, tokenize_records
     from .models import load_base_model
     from .trainer import MetricsCallback, QmoeTrainer, load_queues, verify_checkpoint
 
@@ -272,7 +272,7 @@ def _train_and_evaluate(recipe: Recipe, run_dir: Path, status: StatusFile, stop,
     log.info("model %s (%s, %s) on %s; %s adapter with %d parameters", recipe.model.source,
              recipe.model.quantization, next(model.parameters()).dtype, device, config.method, adapter_parameters(model))
 
-    records = load_train_records(recipe.data)
+    records = apply_prompt_template(load_train_records(recipe.data), recipe.data.prompt_template)
     train_set = tokenize_records(tokenizer, records, recipe.data.max_length, recipe.data.system_prompt)
     log.info("training examples: %d", len(train_set))
 

@@ -75,6 +75,11 @@ class DataSection(_Section):
     )
     prompt_field: str = Field("question", description="jsonl task: the field holding the prompt")
     answer_field: str = Field("answer", description="jsonl task: the field holding the target answer")
+    prompt_template: str = Field(
+        "{prompt}",
+        description="the user message; {prompt} is replaced by the example's question (e.g. "
+        "'{prompt}\\nEnd with: #### <number>')",
+    )
     system_prompt: str | None = Field(
         None, description="optional system message put before every prompt through the chat template"
     )
@@ -82,6 +87,13 @@ class DataSection(_Section):
         512, ge=16, le=32768, description="tokens per example (prompt + answer); longer examples are truncated"
     )
     limit: int | None = Field(None, ge=1, description="use only the first N training examples (empty = all)")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_placeholder(cls, value: str) -> str:
+        if "{prompt}" not in value:
+            raise ValueError("must contain {prompt}, where the example's question goes")
+        return value
 
 
 class Stage(_Section):

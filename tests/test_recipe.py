@@ -170,3 +170,18 @@ def test_finetune_options_may_follow_the_overrides():
     args = _with_trailing_options(args)
     assert args.path == "r.yaml" and args.overrides == ["adapter.top_k=1", "train.max_steps=5"]
     assert args.no_eval and args.output_dir == "runs/x" and not args.resume
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipes_list_and_comment_every_field(path):
+    from qmoe.recipe import DataSection, EvalSection, ModelSection, TrainSection
+
+    raw = yaml.safe_load(path.read_text())
+    lines = path.read_text().splitlines()
+    for section, model in (("model", ModelSection), ("data", DataSection), ("train", TrainSection),
+                           ("eval", EvalSection)):
+        assert set(raw[section]) == set(model.model_fields), f"{path.name}: {section} does not list every field"
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if line.startswith("  ") and not line.startswith("   ") and ":" in stripped and not stripped.startswith("#"):
+            assert lines[i - 1].strip().startswith("#"), f"{path.name} line {i + 1} has no comment: {stripped}"
