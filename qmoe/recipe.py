@@ -229,6 +229,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         raise RecipeError(f"override {item!r}: value is not a YAML scalar or list") from None
+    if isinstance(value, dict) and not raw.strip().startswith("{"):
+        value = raw.strip()  # 'Q: {prompt}' is meant as text, not as a YAML mapping
     return key.split("."), value
 
 

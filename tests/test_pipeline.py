@@ -65,7 +65,7 @@ def check_metrics(run_dir: Path, num_experts, expected_steps: list[int]) -> list
 
 def test_finetune_cli_writes_the_documented_run_directory(make_recipe, tmp_path):
     recipe_file = write_recipe(tmp_path / "recipe.yaml", make_recipe())
-    done = qmoe_cli("finetune", recipe_file, "train.max_steps=5", timeout=300)
+    done = qmoe_cli("finetune", recipe_file, "train.max_steps=5", "data.prompt_template=Q: {prompt}", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp_path / "run"
 
@@ -97,6 +97,7 @@ def test_finetune_cli_writes_the_documented_run_directory(make_recipe, tmp_path)
     assert len(evaluation["predictions"]) == 4
     assert {"prompt", "gold", "generated", "prediction", "correct"} <= set(evaluation["predictions"][0])
     assert evaluation["predictions"][0]["gold"] == str(3 + 100 % 17 + 5 + 700 % 23)
+    assert evaluation["predictions"][0]["prompt"].startswith("Q: Tom has")  # data.prompt_template applied
 
     log = (run_dir / "train.log").read_text()
     assert "checkpoint saved" in log and "accuracy on gsm8k" in log

@@ -59,11 +59,13 @@ def test_every_field_is_described_and_numeric_fields_have_ranges():
 def test_overrides_are_parsed_as_yaml_scalars():
     base = yaml.safe_load((REPO / "recipes" / "gsm8k.yaml").read_text())
     result = apply_overrides(base, ["adapter.top_k=1", "train.max_steps=50", "train.lr=1e-4",
-                                    "model.gradient_checkpointing=false", "adapter.target_modules=[q_proj, v_proj]"])
+                                    "model.gradient_checkpointing=false", "adapter.target_modules=[q_proj, v_proj]",
+                                    "data.prompt_template=Question: {prompt}"])
     recipe = validate_recipe(result)
     assert recipe.adapter.top_k == 1 and recipe.train.max_steps == 50 and recipe.train.lr == 1e-4
     assert recipe.model.gradient_checkpointing is False
     assert recipe.adapter.target_modules == ["q_proj", "v_proj"]
+    assert recipe.data.prompt_template == "Question: {prompt}"
     assert base["adapter"].get("top_k") != 1 or True  # the input dict is not modified
     assert yaml.safe_load((REPO / "recipes" / "gsm8k.yaml").read_text()) == base
 
