@@ -42,9 +42,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, system_p
     return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+class EvaluationStopped(Exception):
+    """``should_stop`` returned True between two batches."""
+
+
 def evaluate_records(model, tokenizer, records: list[dict], kind: str, *, task: str, batch_size: int = 8,
-                     max_new_tokens: int = 256, system_prompt: str | None = None, progress: bool = True) -> dict:
-    """Generate for every record and score it; the eval.json payload."""
+                     max_new_tokens: int = 256, system_prompt: str | None = None, progress: bool = True,
+                     should_stop=None) -> dict:
+    """Generate for every record and score it; the eval.json payload. ``should_stop()`` is checked
+    between batches (a stop request during the final evaluation of a run)."""
     was_training = model.training
     model.eval()
     use_cache = getattr(model.config, "use_cache", None)
@@ -53,6 +59,8 @@ def evaluate_records(model, tokenizer, records: list[dict], kind: str, *, task: 
     try:
         bar = tqdm(total=len(records), desc=f"eval {task}", unit="ex", disable=not progress)
         for start in range(0, len(records), batch_size):
+            if should_stop is not None and should_stop():
+                raise EvaluationStopped
             chunk = records[start:start + batch_size]
             outputs = generate(model, tokenizer, [r["prompt"] for r in chunk], max_new_tokens, system_prompt)
             for offset, (record, text) in enumerate(zip(chunk, outputs)):
@@ -83,7 +91,7 @@ def evaluate_records(model, tokenizer, records: list[dict], kind: str, *, task: 
 
 def run_evaluation(model, tokenizer, *, task: str, path: str | None, limit: int | None, batch_size: int,
                    max_new_tokens: int, system_prompt: str | None = None, data_section=None,
-                   out_file: Path | None = None, extra: dict | None = None) -> dict:
+                   out_file: Path | None = None, extra: dict | None = None, should_stop=None) -> dict:
     """Load the test set of ``task``, evaluate, and write ``out_file`` atomically when given."""
     kind, name = resolve_eval_task(task)
     records = load_test_records(task, path, limit, data_section)
@@ -91,7 +99,7 @@ def run_evaluation(model, tokenizer, *, task: str, path: str | None, limit: int 
         records = apply_prompt_template(records, data_section.prompt_template)
     log.info("evaluating on %d %s examples", len(records), name)
     result = evaluate_records(model, tokenizer, records, kind, task=name, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, system_prompt=system_prompt)
+                              max_new_tokens=max_new_tokens, system_prompt=system_prompt, should_stop=should_stop)
     if extra:
         result = {**{k: v for k, v in result.items() if k != "predictions"}, **extra, "predictions": result["predictions"]}
     if out_file is not None:

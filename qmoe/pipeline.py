@@ -347,13 +347,21 @@ def _train_and_evaluate(recipe: Recipe, run_dir: Path, status: StatusFile, stop,
     status.update(step=offset)
 
     if run_eval and recipe.eval.enabled:
-        from .evaluation import run_evaluation
+        from .evaluation import EvaluationStopped, run_evaluation
 
         task = recipe.eval.task or recipe.data.task
-        run_evaluation(model, tokenizer, task=task, path=recipe.eval.path, limit=recipe.eval.limit,
-                       batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
-                       system_prompt=recipe.data.system_prompt, data_section=recipe.data, out_file=run_dir / EVAL,
-                       extra={"model": recipe.model.source, "adapter": str(adapter_dir)})
+        try:
+            run_evaluation(model, tokenizer, task=task, path=recipe.eval.path, limit=recipe.eval.limit,
+                           batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
+                           system_prompt=recipe.data.system_prompt, data_section=recipe.data,
+                           out_file=run_dir / EVAL, extra={"model": recipe.model.source, "adapter": str(adapter_dir)},
+                           should_stop=lambda: stop.signal_name is not None)
+        except EvaluationStopped:
+            message = (f"stopped by {stop.signal_name} during evaluation; the adapter is saved in {adapter_dir}; "
+                       f"evaluate it with: qmoe eval {run_dir}")
+            status.update(state="stopped", error=message)
+            log.warning("%s", message)
+            return 128 + stop.signum
     status.update(state="finished", step=offset, error=None)
     log.info("finished: %s", run_dir)
     return 0

@@ -286,3 +286,25 @@ def test_atomic_json_writes_never_leave_a_partial_file(tmp_path, monkeypatch):
         atomic_write_json(target, {"state": "finished"})
     assert json.loads(target.read_text()) == {"state": "running"}
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
+
+
+def test_sigterm_during_the_final_evaluation_stops_with_the_adapter_saved(make_recipe, monkeypatch):
+    import qmoe.evaluation
+
+    real_generate = qmoe.evaluation.generate
+
+    def generate_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled by run_finetune's handler
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(qmoe.evaluation, "generate", generate_then_signal)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    recipe = validate_recipe(make_recipe(train={"max_steps": 2},
+                                         eval={"enabled": True, "limit": 4, "batch_size": 2, "max_new_tokens": 4}))
+    run_dir = Path(recipe.output_dir)
+    assert run_finetune(recipe, run_dir) == 128 + signal.SIGTERM
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "stopped" and "during evaluation" in status["error"]
+    assert (run_dir / "adapter" / "adapter.safetensors").is_file()
+    assert not (run_dir / "eval.json").exists()
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # qmoe's handler is removed again
