@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -37,6 +38,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def replace_dir(staging: Path, final: Path) -> None:
+    """Move a fully written ``staging`` folder to ``final``, replacing an existing one; a crash leaves either
+    the old folder or the new one in place (plus, at worst, a ``.old-*`` folder to delete), never a mix."""
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(staging, final)
+    fsync_dir(final.parent)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

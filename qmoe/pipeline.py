@@ -21,7 +21,7 @@ import torch
 
 from .cli import UsageError
 from .config import AdapterConfig
-from .io import atomic_write_json, atomic_write_text, fsync_dir
+from .io import atomic_write_json, atomic_write_text, replace_dir
 from .recipe import Recipe, dump_recipe
 from .rundir import (ADAPTER, CHECKPOINTS, EVAL, LOG, RECIPE, MetricsLog, RunLock, StatusFile, prepare_run_dir)
 
@@ -141,12 +141,7 @@ def save_final_adapter(model, run_dir: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_adapter(model, staging)
-        if final.exists():
-            old = run_dir / f".old-adapter-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(staging, final)
-        fsync_dir(run_dir)
+        replace_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback
 from . import aux_loss, aux_loss_parts, clear_aux, expert_load
 from .attach import adapter_layers
 from .cli import UsageError
-from .io import atomic_write_bytes, atomic_write_json, fsync_dir
+from .io import atomic_write_bytes, atomic_write_json, fsync_dir, replace_dir
 from .serialization import AdapterError, load_adapter, save_adapter
 
 log = logging.getLogger("qmoe")
@@ -236,12 +236,7 @@ class QmoeTrainer(Trainer):
                 {"step": step, "global_step": self.step_offset + step, "stage": self.qmoe_stage, "complete": True},
             )
             _fsync_tree(staging)
-            if final.exists():  # re-saving a step after a resume: replace the old copy
-                old = root / f".old-{final.name}-{os.getpid()}"
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(staging, final)
-            fsync_dir(root)
+            replace_dir(staging, final)  # re-saving a step after a resume replaces the old copy
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

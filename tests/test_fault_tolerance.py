@@ -12,27 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 import qmoe
-from pipeline_support import (arithmetic_items, build_tiny_chat_model, qmoe_cli, qmoe_popen, tiny_recipe,
-                              write_jsonl, write_recipe)
+from pipeline_support import build_tiny_chat_model, qmoe_cli, qmoe_popen, tiny_recipe, write_recipe
 from qmoe.cli import UsageError
 from qmoe.io import read_jsonl
 from qmoe.pipeline import run_finetune
 from qmoe.recipe import validate_recipe
 from qmoe.rundir import MetricsLog
 from qmoe.trainer import complete_checkpoints, verify_checkpoint
-
-
-@pytest.fixture(scope="module")
-def chat_model_dir(tmp_path_factory):
-    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("arith")
-    write_jsonl(folder / "train.jsonl", arithmetic_items(32))
-    write_jsonl(folder / "test.jsonl", arithmetic_items(8, start=100))
-    return folder
 
 
 @pytest.fixture

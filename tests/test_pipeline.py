@@ -8,8 +8,7 @@ import pytest
 import yaml
 
 import qmoe
-from pipeline_support import (arithmetic_items, build_tiny_chat_model, qmoe_cli, tiny_recipe, write_jsonl,
-                              write_recipe)
+from pipeline_support import qmoe_cli, tiny_recipe, write_jsonl, write_recipe
 from qmoe.cli import UsageError
 from qmoe.io import read_jsonl
 from qmoe.pipeline import run_finetune
@@ -19,19 +18,6 @@ METRIC_FIELDS = {"step", "epoch", "loss", "lm_loss", "balance_loss", "contrastiv
                  "peak_mem_mb", "stage", "expert_load"}
 STATUS_FIELDS = {"state", "pid", "started", "updated", "step", "max_steps", "stage", "error",
                  "trainable_parameters", "method"}
-
-
-@pytest.fixture(scope="session")
-def chat_model_dir(tmp_path_factory):
-    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("arith")
-    write_jsonl(folder / "train.jsonl", arithmetic_items(32))
-    write_jsonl(folder / "test.jsonl", arithmetic_items(8, start=100))
-    return folder
 
 
 @pytest.fixture
