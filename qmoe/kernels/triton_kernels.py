@@ -151,10 +151,10 @@ def _loracoe_probs(z_ptr, rows, row_ok, stride_z, E: tl.constexpr, R: tl.constex
 
 
 @triton.jit
-def _loracoe_fwd_kernel(
-    z_ptr, gated_ptr, weights_ptr, T, stride_z, factor,
-    E: tl.constexpr, R: tl.constexpr, E_P2: tl.constexpr, R_P2: tl.constexpr, BLOCK_T: tl.constexpr,
-):
+def _loracoe_rank_weights(z_ptr, T, stride_z, E: tl.constexpr, R: tl.constexpr, E_P2: tl.constexpr,
+                          R_P2: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Shared by forward and backward: this block's rows and row mask, per-expert softmax over ranks (probs), their mean
+    over experts (weights), the rank activations h, and the load/store mask."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     probs = _loracoe_probs(z_ptr, rows, row_ok, stride_z, E, R, E_P2, R_P2)
@@ -162,6 +162,15 @@ def _loracoe_fwd_kernel(
     j = tl.arange(0, R_P2)
     ok = row_ok[:, None] & (j < R)[None, :]
     h = tl.load(z_ptr + rows[:, None] * stride_z + j[None, :], mask=ok, other=0.0).to(tl.float32)
+    return rows, row_ok, j, ok, probs, weights, h
+
+
+@triton.jit
+def _loracoe_fwd_kernel(
+    z_ptr, gated_ptr, weights_ptr, T, stride_z, factor,
+    E: tl.constexpr, R: tl.constexpr, E_P2: tl.constexpr, R_P2: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    rows, row_ok, j, ok, probs, weights, h = _loracoe_rank_weights(z_ptr, T, stride_z, E, R, E_P2, R_P2, BLOCK_T)
     tl.store(weights_ptr + rows[:, None] * R + j[None, :], weights, mask=ok)
     gated = h * weights * factor
     tl.store(gated_ptr + rows[:, None] * R + j[None, :], gated.to(gated_ptr.dtype.element_ty), mask=ok)
@@ -172,13 +181,7 @@ def _loracoe_bwd_kernel(
     z_ptr, grad_gated_ptr, grad_z_ptr, T, stride_z, factor,
     E: tl.constexpr, R: tl.constexpr, E_P2: tl.constexpr, R_P2: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    probs = _loracoe_probs(z_ptr, rows, row_ok, stride_z, E, R, E_P2, R_P2)
-    weights = tl.sum(probs, 1) / E
-    j = tl.arange(0, R_P2)
-    ok = row_ok[:, None] & (j < R)[None, :]
-    h = tl.load(z_ptr + rows[:, None] * stride_z + j[None, :], mask=ok, other=0.0).to(tl.float32)
+    rows, row_ok, j, ok, probs, weights, h = _loracoe_rank_weights(z_ptr, T, stride_z, E, R, E_P2, R_P2, BLOCK_T)
     gg = tl.load(grad_gated_ptr + rows[:, None] * R + j[None, :], mask=ok, other=0.0).to(tl.float32) * factor
     out_ty = grad_z_ptr.dtype.element_ty
     tl.store(grad_z_ptr + rows[:, None] * stride_z + j[None, :], (gg * weights).to(out_ty), mask=ok)
