@@ -5,12 +5,13 @@
 # Budget (stated in RESULTS.md): STEPS optimizer steps of 4 examples, EVAL_LIMIT test problems per set.
 # Parameter budget per decoder layer (hidden 576, MLP 1536, 7 projections): MoELoRA 8x4 = 365,568;
 # LoRA r=36 = 366,336; LoRAMoE r=36 in 4 experts = 386,304; LoRACoE r=18, E=2 = 362,880.
+# Every run keeps the papers' alpha = 2r, so the LoRA scaling alpha/r is 2 everywhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export QMOE_SHARED="${QMOE_SHARED:-$(cd .. && pwd)/shared}" HF_HUB_OFFLINE=1
-STEPS=${STEPS:-20}
+STEPS=${STEPS:-50}
 HALF=$((STEPS / 2))
-EVAL_LIMIT=${EVAL_LIMIT:-20}
+EVAL_LIMIT=${EVAL_LIMIT:-100}
 QMOE=${QMOE:-qmoe}
 exec $QMOE compare \
   --set model.source=builtin:smollm2-135m-instruct data.path="$QMOE_SHARED/data/gsm8k/train.jsonl" \
@@ -18,12 +19,12 @@ exec $QMOE compare \
         train.gradient_accumulation=1 train.logging_steps=2 train.checkpoint_steps=10 \
         model.gradient_checkpointing=false \
   --run lora recipes/gsm8k-lora.yaml \
-  --run loramoe recipes/gsm8k-loramoe.yaml adapter.r=36 \
+  --run loramoe recipes/gsm8k-loramoe.yaml adapter.r=36 adapter.alpha=72 \
   --run moelora recipes/gsm8k.yaml \
   --run moelora-no-contrastive recipes/gsm8k.yaml adapter.contrastive_loss_weight=0 \
-  --run loracoe recipes/gsm8k-loracoe.yaml adapter.r=18 \
+  --run loracoe recipes/gsm8k-loracoe.yaml adapter.r=18 adapter.alpha=36 \
         "train.stages=[{stage: warmup, max_steps: $HALF, lr: 2.0e-4}, {stage: joint, max_steps: $HALF, lr: 5.0e-5}]" \
-  --run loracoe-no-warmup recipes/gsm8k-loracoe.yaml adapter.r=18 adapter.stage=joint \
+  --run loracoe-no-warmup recipes/gsm8k-loracoe.yaml adapter.r=18 adapter.alpha=36 adapter.stage=joint \
         "train.stages=[{stage: joint, max_steps: $STEPS, lr: 2.0e-4}]" \
   --eval-tasks gsm8k MultiArith SVAMP --eval-limit "$EVAL_LIMIT" --eval-batch-size 20 --max-new-tokens 192 \
   --out-dir runs/compare --results RESULTS.md --figures docs/figures

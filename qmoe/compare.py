@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .cli import UsageError
 from .io import atomic_write_json, atomic_write_text, read_jsonl
+from .significance import PairedOutcome, paired_outcome, wilson_halfwidth
 
 
 @dataclass
@@ -150,13 +151,15 @@ def run_compare(runs: list[tuple[str, str, list[str]]], overrides: list[str], ta
                               out_dir / "logs" / f"{r.label}-eval-{slug}.log", eval_args)
             r.accuracy[slug], r.n[slug] = acc, n
 
-    figures = []
+    figures, specialisation = [], {}
     if figures_dir is not None:
         from .specialisation import specialisation_figures
 
-        figures = specialisation_figures([r for r in finished if r.method == "moelora"], figures_dir, out_dir)
+        figures, specialisation = specialisation_figures([r for r in finished if r.method == "moelora"],
+                                                         figures_dir, out_dir)
+        atomic_write_json(out_dir / "specialisation.json", specialisation)
     atomic_write_json(out_dir / "results.json", [_as_dict(r) for r in [base, *results]])
-    table = render_results([base, *results], tasks, limit, command, figures, results_file)
+    table = render_results([base, *results], tasks, limit, command, figures, results_file, specialisation)
     atomic_write_text(results_file, merge_into(results_file, table))
     print(f"wrote {results_file}")
     return 0 if all(r.error is None for r in results) else 1
@@ -188,7 +191,7 @@ def _fmt(value, spec: str, empty: str = "–") -> str:
 
 
 def render_results(rows: list[RunResult], tasks: list[str], limit: int | None, command: str, figures: list[Path],
-                   results_file: Path) -> str:
+                   results_file: Path, specialisation: dict | None = None) -> str:
     slugs = [task_slug(t) for t in tasks]
     head = ["method (run)", *[f"{s} acc %" for s in slugs], "mean acc %", "trainable params", "train time (s)",
             "peak mem (MB)", "tokens/s", "final LM loss"]
@@ -219,13 +222,53 @@ def render_results(rows: list[RunResult], tasks: list[str], limit: int | None, c
         "",
         "Train time is the wall time of `qmoe finetune` (model loading included); peak memory is the training "
         "process's peak (RSS on CPU, `max_memory_allocated` on CUDA); tokens/s is the median over logging steps.",
+        *paired_table(rows, slugs, ns),
     ]
+    if specialisation:
+        out += ["", "Expert specialisation (MoELoRA runs; top-1 routing at each layer's `mlp.down_proj`, teacher-forced "
+                "over GSM8K test question+answer pairs, averaged over layers): numeric vs all TV is the total-variation "
+                "distance between where numeric tokens and all tokens go (0 = numbers routed like any token); numeric "
+                "top share is the share of numeric tokens taken by the busiest expert (1/E = even); load CV is the "
+                "coefficient of variation of the expert load (0 = balanced).", "",
+                "| run | numeric tokens | numeric vs all TV | numeric top share | load CV |", "|---|---|---|---|---|"]
+        for label, m in specialisation.items():
+            out.append(f"| {label} | {m['numeric_tokens']} | {m['numeric_vs_all_tv']:.3f} | "
+                       f"{m['numeric_top_share']:.3f} (1/E = {1 / m['experts']:.3f}) | {m['load_cv']:.3f} |")
     if figures:
         out += ["", "Expert-specialisation figures:", ""]
         for fig in figures:
             rel = Path(fig).resolve().relative_to(results_file.resolve().parent) if _inside(fig, results_file.parent) else fig
             out.append(f"![{Path(fig).stem}]({rel})")
     return "\n".join(out) + "\n"
+
+
+def paired_table(rows: list[RunResult], slugs: list[str], ns: dict[str, int]) -> list[str]:
+    """Each row against the first trained run, problem by problem (exact McNemar / sign test)."""
+    trained = [r for r in rows if r.recipe != "-" and r.error is None]
+    if not trained or not any(ns.values()):
+        return []
+    ref = trained[0]
+    widest = max(wilson_halfwidth(n // 2, n) for n in ns.values() if n) * 100
+    head = ["run", *[f"Δ {s} (pts)" for s in slugs], "Δ pooled (pts)", "better / worse", "p (two-sided)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r is ref or r.error:
+            continue
+        per_task = [paired_outcome(r.run_dir / f"eval-{s}.json", ref.run_dir / f"eval-{s}.json") for s in slugs]
+        if any(o is None for o in per_task):
+            continue
+        pooled = sum(per_task, PairedOutcome())
+        lines.append("| " + " | ".join([r.label, *[f"{o.delta:+.1f}" for o in per_task], f"{pooled.delta:+.1f}",
+                                         f"{pooled.wins} / {pooled.losses}", f"{pooled.p_value:.2f}"]) + " |")
+    return [
+        "",
+        f"Paired against `{ref.label}` on the same problems: Δ is the accuracy difference in points; better / worse "
+        f"count the problems only this run / only `{ref.label}` solved; p is the exact two-sided sign test on those "
+        f"(McNemar), pooled over tasks. A single accuracy on {max(ns.values())} problems has a 95% interval of up to "
+        f"±{widest:.1f} points, so a difference with p above 0.05 is not evidence either way.",
+        "",
+        *lines,
+    ]
 
 
 def _inside(path: Path, folder: Path) -> bool:

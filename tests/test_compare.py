@@ -53,6 +53,14 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
     for label in ("base model", "lora", "moelora"):
         assert set(by_label[label]["accuracy"]) == {"adds", "gsm8k"}
         assert by_label[label]["n"] == {"adds": 3, "gsm8k": 3}
+    # every other row is paired against the first run, problem by problem
+    assert "Paired against `lora`" in text
+    paired = [line for line in text.split("Paired against")[1].split("Expert specialisation")[0].splitlines() if line.startswith("| moelora |")
+              or line.startswith("| base model |")]
+    assert len(paired) == 2 and all(line.count("|") == 7 for line in paired)
+    spec = json.loads((tmp_path / "runs" / "specialisation.json").read_text())
+    assert list(spec) == ["moelora"] and spec["moelora"]["numeric_tokens"] > 0
+    assert 0.0 <= spec["moelora"]["numeric_vs_all_tv"] <= 1.0 and "| moelora | " in text.split("| run | numeric tokens |")[1]
     figures = sorted(p.name for p in (tmp_path / "figs").iterdir())
     assert figures == ["expert-load-per-layer.png", "numeric-token-routing.png"]
     # a second run reuses everything: no training or evaluation subprocess output
@@ -60,3 +68,17 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
     assert again.returncode == 0
     assert "$ qmoe finetune" not in again.stdout and "$ qmoe eval" not in again.stdout
     assert results.read_text().count("qmoe compare: begin") == 1
+
+
+def test_specialisation_summary_on_known_shares():
+    import torch
+
+    from qmoe.specialisation import summarise
+
+    everything = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]])
+    numeric = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    m = summarise(numeric, everything, n_numeric=7)
+    assert m["numeric_tokens"] == 7 and m["experts"] == 4
+    assert abs(m["numeric_vs_all_tv"] - (0.75 + 0.0) / 2) < 1e-6  # layer 0 moves 75% of the mass, layer 1 none
+    assert abs(m["numeric_top_share"] - (1.0 + 0.5) / 2) < 1e-6
+    assert abs(m["load_cv"] - (0.0 + 1.0) / 2) < 1e-6  # layer 1: std 0.25 / mean 0.25

@@ -1,0 +1,67 @@
+"""Paired significance for accuracy differences on the same test problems.
+
+Two adapters scored on the same problems disagree only on some of them; whether one is really better
+depends on those discordant problems, not on the two accuracies alone. The exact McNemar test (a
+two-sided binomial sign test on the discordant pairs) says how often a split at least that lopsided would
+happen if both were equally good. With 100-problem test sets a few points of difference are usually noise,
+and the results table should say so rather than let a reader rank methods by it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from math import comb
+from pathlib import Path
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact binomial p-value for ``wins`` vs ``losses`` under a fair coin (ties dropped)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def wilson_halfwidth(correct: int, n: int, z: float = 1.96) -> float:
+    """Half-width of the 95% Wilson score interval for ``correct``/``n`` (as a fraction)."""
+    if n == 0:
+        return 0.0
+    p = correct / n
+    denom = 1 + z * z / n
+    return z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+
+
+@dataclass
+class PairedOutcome:
+    n: int = 0          # problems scored by both
+    wins: int = 0       # right here, wrong in the reference
+    losses: int = 0     # wrong here, right in the reference
+    delta: float = 0.0  # accuracy difference in points over the paired problems
+
+    def __add__(self, other: "PairedOutcome") -> "PairedOutcome":
+        n = self.n + other.n
+        wins, losses = self.wins + other.wins, self.losses + other.losses
+        return PairedOutcome(n, wins, losses, 100.0 * (wins - losses) / n if n else 0.0)
+
+    @property
+    def p_value(self) -> float:
+        return sign_test_p(self.wins, self.losses)
+
+
+def _correct_by_problem(eval_file: Path) -> dict[tuple[int, str], bool]:
+    data = json.loads(Path(eval_file).read_text())
+    return {(p["index"], p["prompt"]): bool(p["correct"]) for p in data.get("predictions", [])}
+
+
+def paired_outcome(eval_file: Path, reference_file: Path) -> PairedOutcome | None:
+    """Compare two ``eval.json`` files problem by problem; None when either is missing."""
+    if not (Path(eval_file).is_file() and Path(reference_file).is_file()):
+        return None
+    mine, ref = _correct_by_problem(eval_file), _correct_by_problem(reference_file)
+    shared = mine.keys() & ref.keys()
+    wins = sum(mine[k] and not ref[k] for k in shared)
+    losses = sum(ref[k] and not mine[k] for k in shared)
+    n = len(shared)
+    return PairedOutcome(n, wins, losses, 100.0 * (wins - losses) / n if n else 0.0)
