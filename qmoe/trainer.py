@@ -28,6 +28,7 @@ from . import aux_loss, aux_loss_parts, clear_aux, expert_load
 from .attach import adapter_layers
 from .cli import UsageError
 from .io import atomic_write_bytes, atomic_write_json, fsync_dir, replace_dir
+from .sampling import DataStreamSampler
 from .serialization import AdapterError, load_adapter, save_adapter
 
 log = logging.getLogger("qmoe")
@@ -178,6 +179,15 @@ class QmoeTrainer(Trainer):
         self.step_offset = step_offset
         self.keep_checkpoints = keep_checkpoints
         self.interval = IntervalStats()
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Stage k continues the data order where stage k-1 stopped (see ``qmoe.sampling``)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if dataset is None or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        consumed = self.step_offset * self.args.train_batch_size * self.args.gradient_accumulation_steps
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return DataStreamSampler(len(dataset), seed=seed, start=consumed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         clear_aux(model)
