@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .cli import UsageError
 from .io import atomic_write_json, atomic_write_text, read_jsonl
+from .heldout import paired_nll_difference
 from .significance import PairedOutcome, paired_outcome, wilson_halfwidth
 
 
@@ -37,6 +38,7 @@ class RunResult:
     steps: int | None = None
     accuracy: dict[str, float | None] = field(default_factory=dict)
     n: dict[str, int] = field(default_factory=dict)
+    heldout: dict | None = None  # qmoe.heldout.answer_nll on GSM8K test
     error: str | None = None
 
 
@@ -151,18 +153,50 @@ def run_compare(runs: list[tuple[str, str, list[str]]], overrides: list[str], ta
                               out_dir / "logs" / f"{r.label}-eval-{slug}.log", eval_args)
             r.accuracy[slug], r.n[slug] = acc, n
 
+    heldout_losses([base, *finished], finished, limit)
+
     figures, specialisation = [], {}
     if figures_dir is not None:
         from .specialisation import specialisation_figures
 
-        figures, specialisation = specialisation_figures([r for r in finished if r.method == "moelora"],
-                                                         figures_dir, out_dir)
+        from .compare_plots import accuracy_figure, loss_figure
+
+        slugs = [task_slug(t) for t in tasks]
+        figures = [f for f in (accuracy_figure([base, *finished], slugs, figures_dir / "accuracy-per-task.png"),
+                               loss_figure(finished, figures_dir / "training-loss.png")) if f is not None]
+        moe_figures, specialisation = specialisation_figures([r for r in finished if r.method == "moelora"],
+                                                             figures_dir, out_dir)
+        figures += moe_figures
         atomic_write_json(out_dir / "specialisation.json", specialisation)
     atomic_write_json(out_dir / "results.json", [_as_dict(r) for r in [base, *results]])
     table = render_results([base, *results], tasks, limit, command, figures, results_file, specialisation)
     atomic_write_text(results_file, merge_into(results_file, table))
     print(f"wrote {results_file}")
     return 0 if all(r.error is None for r in results) else 1
+
+
+def heldout_losses(rows: list[RunResult], finished: list[RunResult], limit: int | None) -> None:
+    """Teacher-forced answer NLL on GSM8K test for every row (cached as ``heldout-gsm8k.json``)."""
+    if not finished:
+        return
+    from .chat import load_chat_model, resolve_adapter
+    from .data import load_gsm8k
+    from .heldout import answer_nll
+
+    records = None
+    for r in rows:
+        cache = r.run_dir / "heldout-gsm8k.json"
+        if not cache.is_file():
+            if records is None:
+                records = load_gsm8k("test", limit=limit)
+            print(f"held-out answer loss: {r.label}", flush=True)
+            if r.recipe == "-":  # the base model: the first run's backbone without its adapter
+                chat = load_chat_model(None, base_source=resolve_adapter(finished[0].run_dir)[0])
+            else:
+                chat = load_chat_model(r.run_dir)
+            atomic_write_json(cache, answer_nll(chat.model, chat.tokenizer, records))
+            del chat
+        r.heldout = json.loads(cache.read_text())
 
 
 BEGIN, END = "<!-- qmoe compare: begin (generated) -->", "<!-- qmoe compare: end -->"
@@ -183,6 +217,8 @@ def merge_into(results_file: Path, table: str) -> str:
 def _as_dict(r: RunResult) -> dict:
     d = dict(r.__dict__)
     d["run_dir"] = str(r.run_dir)
+    if r.heldout:  # per-problem sums stay in the run's heldout-gsm8k.json
+        d["heldout"] = {k: v for k, v in r.heldout.items() if k != "per_example"}
     return d
 
 
@@ -193,8 +229,8 @@ def _fmt(value, spec: str, empty: str = "–") -> str:
 def render_results(rows: list[RunResult], tasks: list[str], limit: int | None, command: str, figures: list[Path],
                    results_file: Path, specialisation: dict | None = None) -> str:
     slugs = [task_slug(t) for t in tasks]
-    head = ["method (run)", *[f"{s} acc %" for s in slugs], "mean acc %", "trainable params", "train time (s)",
-            "peak mem (MB)", "tokens/s", "final LM loss"]
+    head = ["method (run)", *[f"{s} acc %" for s in slugs], "mean acc %", "GSM8K answer NLL", "trainable params",
+            "train time (s)", "peak mem (MB)", "tokens/s", "final train loss"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         accs = [r.accuracy.get(s) for s in slugs]
@@ -205,6 +241,7 @@ def render_results(rows: list[RunResult], tasks: list[str], limit: int | None, c
             name += f" — failed: {r.error}"
         cells = [name, *[_fmt(a * 100 if a is not None else None, ".1f") for a in accs],
                  _fmt(mean * 100 if mean is not None else None, ".1f"),
+                 _fmt(r.heldout["nll"] if r.heldout else None, ".3f"),
                  _fmt(r.trainable_parameters, ","), _fmt(r.train_seconds, ".0f"), _fmt(r.peak_mem_mb, ".0f"),
                  _fmt(r.tokens_per_s, ".0f"), _fmt(r.final_loss, ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -221,7 +258,10 @@ def render_results(rows: list[RunResult], tasks: list[str], limit: int | None, c
         *lines,
         "",
         "Train time is the wall time of `qmoe finetune` (model loading included); peak memory is the training "
-        "process's peak (RSS on CPU, `max_memory_allocated` on CUDA); tokens/s is the median over logging steps.",
+        "process's peak (RSS on CPU, `max_memory_allocated` on CUDA); tokens/s is the median over logging steps. "
+        "GSM8K answer NLL is the teacher-forced loss per answer token on the reference solutions of the GSM8K test "
+        "problems above (the training objective on unseen problems; lower is better); final train loss is the LM "
+        "loss of the last logged training step (a few batches, so noisy).",
         *paired_table(rows, slugs, ns),
     ]
     if specialisation:
@@ -235,7 +275,7 @@ def render_results(rows: list[RunResult], tasks: list[str], limit: int | None, c
             out.append(f"| {label} | {m['numeric_tokens']} | {m['numeric_vs_all_tv']:.3f} | "
                        f"{m['numeric_top_share']:.3f} (1/E = {1 / m['experts']:.3f}) | {m['load_cv']:.3f} |")
     if figures:
-        out += ["", "Expert-specialisation figures:", ""]
+        out += ["", "Figures:", ""]
         for fig in figures:
             rel = Path(fig).resolve().relative_to(results_file.resolve().parent) if _inside(fig, results_file.parent) else fig
             out.append(f"![{Path(fig).stem}]({rel})")
@@ -249,7 +289,8 @@ def paired_table(rows: list[RunResult], slugs: list[str], ns: dict[str, int]) ->
         return []
     ref = trained[0]
     widest = max(wilson_halfwidth(n // 2, n) for n in ns.values() if n) * 100
-    head = ["run", *[f"Δ {s} (pts)" for s in slugs], "Δ pooled (pts)", "better / worse", "p (two-sided)"]
+    head = ["run", *[f"Δ {s} (pts)" for s in slugs], "Δ pooled (pts)", "better / worse", "p (two-sided)",
+            "Δ answer NLL (95%)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r is ref or r.error:
@@ -258,14 +299,18 @@ def paired_table(rows: list[RunResult], slugs: list[str], ns: dict[str, int]) ->
         if any(o is None for o in per_task):
             continue
         pooled = sum(per_task, PairedOutcome())
+        nll = paired_nll_difference(r.heldout, ref.heldout) if r.heldout and ref.heldout else None
         lines.append("| " + " | ".join([r.label, *[f"{o.delta:+.1f}" for o in per_task], f"{pooled.delta:+.1f}",
-                                         f"{pooled.wins} / {pooled.losses}", f"{pooled.p_value:.2f}"]) + " |")
+                                         f"{pooled.wins} / {pooled.losses}", f"{pooled.p_value:.2f}",
+                                         f"{nll[0]:+.3f} ± {nll[1]:.3f}" if nll else "–"]) + " |")
     return [
         "",
         f"Paired against `{ref.label}` on the same problems: Δ is the accuracy difference in points; better / worse "
         f"count the problems only this run / only `{ref.label}` solved; p is the exact two-sided sign test on those "
         f"(McNemar), pooled over tasks. A single accuracy on {max(ns.values())} problems has a 95% interval of up to "
-        f"±{widest:.1f} points, so a difference with p above 0.05 is not evidence either way.",
+        f"±{widest:.1f} points, so a difference with p above 0.05 is not evidence either way. Δ answer NLL is "
+        f"this run's held-out answer loss minus `{ref.label}`'s on the same GSM8K problems, with a 95% interval "
+        f"over problems (negative = this run fits unseen solutions better).",
         "",
         *lines,
     ]

@@ -57,12 +57,18 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
     assert "Paired against `lora`" in text
     paired = [line for line in text.split("Paired against")[1].split("Expert specialisation")[0].splitlines() if line.startswith("| moelora |")
               or line.startswith("| base model |")]
-    assert len(paired) == 2 and all(line.count("|") == 7 for line in paired)
+    assert len(paired) == 2 and all(line.count("|") == 8 for line in paired)
+    # held-out answer loss for every row, in the table and paired against the first run
+    for label in ("base model", "lora", "moelora"):
+        assert by_label[label]["heldout"]["tokens"] > 0 and by_label[label]["heldout"]["nll"] > 0
+    assert "GSM8K answer NLL" in text and " ± " in text.split("Paired against")[1]
     spec = json.loads((tmp_path / "runs" / "specialisation.json").read_text())
     assert list(spec) == ["moelora"] and spec["moelora"]["numeric_tokens"] > 0
     assert 0.0 <= spec["moelora"]["numeric_vs_all_tv"] <= 1.0 and "| moelora | " in text.split("| run | numeric tokens |")[1]
     figures = sorted(p.name for p in (tmp_path / "figs").iterdir())
-    assert figures == ["expert-load-per-layer.png", "numeric-token-routing.png"]
+    assert figures == ["accuracy-per-task.png", "expert-load-per-layer.png", "numeric-token-routing.png",
+                       "training-loss.png"]
+    assert all(f"({tmp_path / 'figs' / name})" in text or name in text for name in figures)
     # a second run reuses everything: no training or evaluation subprocess output
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0
