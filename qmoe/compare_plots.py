@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .io import read_jsonl
-from .significance import wilson_halfwidth
+from .significance import wilson_interval
 
 
 def accuracy_figure(rows, slugs: list[str], path: Path) -> Path | None:
@@ -21,15 +21,17 @@ def accuracy_figure(rows, slugs: list[str], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(slugs) * len(rows) / 3), 4.2))
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
-        xs, ys, errs = [], [], []
+        xs, ys, below, above = [], [], [], []
         for j, s in enumerate(slugs):
             acc, n = r.accuracy.get(s), r.n.get(s, 0)
             if acc is None or not n:
                 continue
+            low, high = wilson_interval(round(acc * n), n)
             xs.append(j - 0.4 + width * (i + 0.5))
             ys.append(100 * acc)
-            errs.append(100 * wilson_halfwidth(round(acc * n), n))
-        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=r.label)
+            below.append(100 * (acc - low))
+            above.append(100 * (high - acc))
+        ax.bar(xs, ys, width, yerr=[below, above], capsize=2, label=r.label)
     ax.set_xticks(range(len(slugs)), slugs)
     ax.set_ylabel("accuracy % (95% interval)")
     ax.set_title("Accuracy per test set")

@@ -33,6 +33,15 @@ def wilson_halfwidth(correct: int, n: int, z: float = 1.96) -> float:
     return z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval (low, high) for ``correct``/``n``; stays inside [0, 1], unlike p ± 2σ."""
+    if n == 0:
+        return 0.0, 1.0
+    centre = (correct / n + z * z / (2 * n)) / (1 + z * z / n)
+    half = wilson_halfwidth(correct, n, z)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 @dataclass
 class PairedOutcome:
     n: int = 0          # problems scored by both

@@ -62,8 +62,29 @@ def summarise(numeric: torch.Tensor, everything: torch.Tensor, n_numeric: int) -
     }
 
 
+def untrained_chat(run_dir: Path):
+    """The run's backbone with its adapter freshly attached under the run's seed, before any training step:
+    the baseline that says how much of the routing pattern the router learned and how much it inherits
+    from the backbone's hidden states (B = 0, so those are the base model's)."""
+    from transformers import set_seed
+
+    from .attach import attach
+    from .chat import load_chat_model
+    from .config import AdapterConfig
+    from .recipe import load_recipe
+
+    recipe = load_recipe(run_dir)
+    set_seed(recipe.train.seed)  # the order qmoe finetune uses: seed, load, attach
+    chat = load_chat_model(None, base_source=recipe.model.source, quantization=recipe.model.quantization,
+                           compute_dtype=recipe.model.compute_dtype)
+    attach(chat.model, AdapterConfig(**recipe.adapter.to_dict()))
+    chat.model.eval()
+    return chat
+
+
 def specialisation_figures(runs, figures_dir: Path, out_dir: Path, n_examples: int = 40) -> tuple[list[Path], dict]:
-    """Write the figures for MoELoRA runs; returns the PNG paths and ``{label: summarise(...)}``."""
+    """Write the figures for MoELoRA runs, plus the first run's router before training as a baseline;
+    returns the PNG paths and ``{label: summarise(...)}``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,15 +98,17 @@ def specialisation_figures(runs, figures_dir: Path, out_dir: Path, n_examples: i
     figures_dir.mkdir(parents=True, exist_ok=True)
     records = load_gsm8k("test", limit=n_examples)
     stats, summary = {}, {}
-    for run in runs:
-        chat = load_chat_model(run.run_dir)
+    sources = [(f"{runs[0].label} (untrained router)", lambda: untrained_chat(runs[0].run_dir))]
+    sources += [(run.label, lambda run=run: load_chat_model(run.run_dir)) for run in runs]
+    for label, load in sources:
+        chat = load()
         # the training format: chat-templated question followed by the worked answer
         texts = [chat_prompt(chat.tokenizer, r["prompt"]) + r["target"] for r in records]
         tokens, weights = routing_by_token(chat, texts)
         numeric = torch.tensor([any(c.isdigit() for c in t) for t in tokens])
         everything = torch.ones_like(numeric)
-        stats[run.label] = (top1_shares(weights, numeric), top1_shares(weights, everything))
-        summary[run.label] = summarise(*stats[run.label], int(numeric.sum()))
+        stats[label] = (top1_shares(weights, numeric), top1_shares(weights, everything))
+        summary[label] = summarise(*stats[label], int(numeric.sum()))
         del chat
     paths = []
     fig, axes = plt.subplots(len(stats), 3, figsize=(13, 3.6 * len(stats)), squeeze=False)

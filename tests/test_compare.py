@@ -63,7 +63,7 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
         assert by_label[label]["heldout"]["tokens"] > 0 and by_label[label]["heldout"]["nll"] > 0
     assert "GSM8K answer NLL" in text and " ± " in text.split("Paired against")[1]
     spec = json.loads((tmp_path / "runs" / "specialisation.json").read_text())
-    assert list(spec) == ["moelora"] and spec["moelora"]["numeric_tokens"] > 0
+    assert list(spec) == ["moelora (untrained router)", "moelora"] and spec["moelora"]["numeric_tokens"] > 0
     assert 0.0 <= spec["moelora"]["numeric_vs_all_tv"] <= 1.0 and "| moelora | " in text.split("| run | numeric tokens |")[1]
     figures = sorted(p.name for p in (tmp_path / "figs").iterdir())
     assert figures == ["accuracy-per-task.png", "expert-load-per-layer.png", "numeric-token-routing.png",

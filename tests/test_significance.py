@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qmoe.significance import PairedOutcome, paired_outcome, sign_test_p, wilson_halfwidth
+from qmoe.significance import PairedOutcome, paired_outcome, sign_test_p, wilson_halfwidth, wilson_interval
 
 
 def test_sign_test_matches_the_binomial_by_hand():
@@ -20,6 +20,9 @@ def test_wilson_interval_is_about_ten_points_at_n100():
     assert wilson_halfwidth(50, 100) == pytest.approx(0.0960, abs=1e-3)
     assert wilson_halfwidth(0, 100) < wilson_halfwidth(50, 100)
     assert wilson_halfwidth(0, 0) == 0.0
+    low, high = wilson_interval(1, 100)  # 1 of 100: the interval is lopsided and never negative
+    assert 0.0 < low < 0.01 < high and high == pytest.approx(0.0545, abs=1e-3)
+    assert wilson_interval(0, 100)[0] == 0.0
 
 
 def _eval(path, correct):
