@@ -26,5 +26,7 @@ exec $QMOE compare \
         "train.stages=[{stage: warmup, max_steps: $HALF, lr: 2.0e-4}, {stage: joint, max_steps: $HALF, lr: 5.0e-5}]" \
   --run loracoe-no-warmup recipes/gsm8k-loracoe.yaml adapter.r=18 adapter.alpha=36 adapter.stage=joint \
         "train.stages=[{stage: joint, max_steps: $STEPS, lr: 2.0e-4}]" \
+  --pair moelora moelora-no-contrastive --pair loracoe loracoe-no-warmup --pair loracoe loramoe \
+  --pair moelora loramoe \
   --eval-tasks gsm8k MultiArith SVAMP --eval-limit "$EVAL_LIMIT" --eval-batch-size 20 --max-new-tokens 192 \
   --out-dir runs/compare --results RESULTS.md --figures docs/figures

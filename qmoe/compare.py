@@ -128,10 +128,11 @@ def evaluate(run_dir: Path, task: str, limit: int | None, out_file: Path, base_o
 
 def run_compare(runs: list[tuple[str, str, list[str]]], overrides: list[str], tasks: list[str],
                 limit: int | None, out_dir: Path, results_file: Path, figures_dir: Path | None,
-                eval_args: list[str], command: str) -> int:
+                eval_args: list[str], command: str, pairs: list[tuple[str, str]] = ()) -> int:
     from .recipe import load_recipe
 
-    """``runs``: (label, recipe path, run-specific overrides); ``overrides`` apply to every run."""
+    """``runs``: (label, recipe path, run-specific overrides); ``overrides`` apply to every run; ``pairs``:
+    extra (run, reference) label pairs for the paired table, beyond every run against the first."""
     labels = [label for label, _, _ in runs]
     if len(set(labels)) != len(labels):
         raise UsageError(f"run labels must be unique: {labels} (use --labels / --run LABEL ...)")
@@ -169,7 +170,7 @@ def run_compare(runs: list[tuple[str, str, list[str]]], overrides: list[str], ta
         figures += moe_figures
         atomic_write_json(out_dir / "specialisation.json", specialisation)
     atomic_write_json(out_dir / "results.json", [_as_dict(r) for r in [base, *results]])
-    table = render_results([base, *results], tasks, limit, command, figures, results_file, specialisation)
+    table = render_results([base, *results], tasks, limit, command, figures, results_file, specialisation, pairs)
     atomic_write_text(results_file, merge_into(results_file, table))
     print(f"wrote {results_file}")
     return 0 if all(r.error is None for r in results) else 1
@@ -227,7 +228,7 @@ def _fmt(value, spec: str, empty: str = "–") -> str:
 
 
 def render_results(rows: list[RunResult], tasks: list[str], limit: int | None, command: str, figures: list[Path],
-                   results_file: Path, specialisation: dict | None = None) -> str:
+                   results_file: Path, specialisation: dict | None = None, pairs=()) -> str:
     slugs = [task_slug(t) for t in tasks]
     head = ["method (run)", *[f"{s} acc %" for s in slugs], "mean acc %", "GSM8K answer NLL", "trainable params",
             "train time (s)", "peak mem (MB)", "tokens/s", "final train loss"]
@@ -262,7 +263,7 @@ def render_results(rows: list[RunResult], tasks: list[str], limit: int | None, c
         "GSM8K answer NLL is the teacher-forced loss per answer token on the reference solutions of the GSM8K test "
         "problems above (the training objective on unseen problems; lower is better); final train loss is the LM "
         "loss of the last logged training step (a few batches, so noisy).",
-        *paired_table(rows, slugs, ns),
+        *paired_table(rows, slugs, ns, pairs),
     ]
     if specialisation:
         out += ["", "Expert specialisation (MoELoRA runs; top-1 routing at each layer's `mlp.down_proj`, teacher-forced "
@@ -282,35 +283,39 @@ def render_results(rows: list[RunResult], tasks: list[str], limit: int | None, c
     return "\n".join(out) + "\n"
 
 
-def paired_table(rows: list[RunResult], slugs: list[str], ns: dict[str, int]) -> list[str]:
-    """Each row against the first trained run, problem by problem (exact McNemar / sign test)."""
+def paired_table(rows: list[RunResult], slugs: list[str], ns: dict[str, int], pairs=()) -> list[str]:
+    """Every row against the first trained run, then the requested (run, reference) pairs, problem by problem
+    (exact McNemar / sign test on accuracy; paired interval on the held-out answer loss)."""
     trained = [r for r in rows if r.recipe != "-" and r.error is None]
     if not trained or not any(ns.values()):
         return []
     ref = trained[0]
+    by_label = {r.label: r for r in rows if not r.error}
+    comparisons = [(r, ref) for r in rows if r is not ref and not r.error]
+    comparisons += [(by_label[a], by_label[b]) for a, b in pairs if a in by_label and b in by_label]
     widest = max(wilson_halfwidth(n // 2, n) for n in ns.values() if n) * 100
-    head = ["run", *[f"Δ {s} (pts)" for s in slugs], "Δ pooled (pts)", "better / worse", "p (two-sided)",
+    head = ["run", "vs", *[f"Δ {s} (pts)" for s in slugs], "Δ pooled (pts)", "better / worse", "p (two-sided)",
             "Δ answer NLL (95%)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        if r is ref or r.error:
-            continue
-        per_task = [paired_outcome(r.run_dir / f"eval-{s}.json", ref.run_dir / f"eval-{s}.json") for s in slugs]
+    for r, other in comparisons:
+        per_task = [paired_outcome(r.run_dir / f"eval-{s}.json", other.run_dir / f"eval-{s}.json") for s in slugs]
         if any(o is None for o in per_task):
             continue
         pooled = sum(per_task, PairedOutcome())
-        nll = paired_nll_difference(r.heldout, ref.heldout) if r.heldout and ref.heldout else None
-        lines.append("| " + " | ".join([r.label, *[f"{o.delta:+.1f}" for o in per_task], f"{pooled.delta:+.1f}",
-                                         f"{pooled.wins} / {pooled.losses}", f"{pooled.p_value:.2f}",
-                                         f"{nll[0]:+.3f} ± {nll[1]:.3f}" if nll else "–"]) + " |")
+        nll = paired_nll_difference(r.heldout, other.heldout) if r.heldout and other.heldout else None
+        lines.append("| " + " | ".join([r.label, other.label, *[f"{o.delta:+.1f}" for o in per_task],
+                                         f"{pooled.delta:+.1f}", f"{pooled.wins} / {pooled.losses}",
+                                         f"{pooled.p_value:.2f}", f"{nll[0]:+.3f} ± {nll[1]:.3f}" if nll else "–"])
+                     + " |")
     return [
         "",
-        f"Paired against `{ref.label}` on the same problems: Δ is the accuracy difference in points; better / worse "
-        f"count the problems only this run / only `{ref.label}` solved; p is the exact two-sided sign test on those "
-        f"(McNemar), pooled over tasks. A single accuracy on {max(ns.values())} problems has a 95% interval of up to "
-        f"±{widest:.1f} points, so a difference with p above 0.05 is not evidence either way. Δ answer NLL is "
-        f"this run's held-out answer loss minus `{ref.label}`'s on the same GSM8K problems, with a 95% interval "
-        f"over problems (negative = this run fits unseen solutions better).",
+        f"Paired comparisons on the same problems (every run against `{ref.label}`, then any `--pair`): Δ is the "
+        f"accuracy difference in points; better / worse count the problems only the run / only the reference "
+        f"solved; p is the exact two-sided sign test on those (McNemar), pooled over tasks. A single accuracy on "
+        f"{max(ns.values())} problems has a 95% interval of up to ±{widest:.1f} points, so a difference with p above "
+        f"0.05 is not evidence either way. Δ answer NLL is the run's held-out answer loss minus the reference's on "
+        f"the same GSM8K problems, with a 95% interval over problems (negative = the run fits unseen solutions "
+        f"better).",
         "",
         *lines,
     ]

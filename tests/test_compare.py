@@ -34,7 +34,8 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
     results.write_text("# Results\n\nHand-written analysis stays.\n")
     # one run given as a positional recipe, one through --run with its own override
     cmd = [sys.executable, "-m", "qmoe.cli", "compare", recipes[0],
-           "--run", "moelora", recipes[1], "adapter.balance_loss_weight=0.05", "--eval-tasks", str(data / "adds" / "test.json"),
+           "--run", "moelora", recipes[1], "adapter.balance_loss_weight=0.05", "--pair", "lora", "moelora",
+           "--eval-tasks", str(data / "adds" / "test.json"),
            "gsm8k", "--eval-limit", "3", "--max-new-tokens", "8", "--out-dir", str(tmp_path / "runs"),
            "--results", str(results), "--figures", str(tmp_path / "figs")]
     env = {**os.environ, "QMOE_DATA_DIR": str(data)}
@@ -54,14 +55,15 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
         assert set(by_label[label]["accuracy"]) == {"adds", "gsm8k"}
         assert by_label[label]["n"] == {"adds": 3, "gsm8k": 3}
     # every other row is paired against the first run, problem by problem
-    assert "Paired against `lora`" in text
-    paired = [line for line in text.split("Paired against")[1].split("Expert specialisation")[0].splitlines() if line.startswith("| moelora |")
-              or line.startswith("| base model |")]
-    assert len(paired) == 2 and all(line.count("|") == 8 for line in paired)
+    assert "every run against `lora`" in text
+    paired = text.split("Paired comparisons")[1].split("Expert specialisation")[0].splitlines()
+    assert [line.split(" | ")[:2] for line in paired if line.startswith("| ") and "---" not in line][1:] == [
+        ["| base model", "lora"], ["| moelora", "lora"], ["| lora", "moelora"]]  # the --pair row comes last
+    assert all(line.count("|") == 9 for line in paired if line.startswith("| "))
     # held-out answer loss for every row, in the table and paired against the first run
     for label in ("base model", "lora", "moelora"):
         assert by_label[label]["heldout"]["tokens"] > 0 and by_label[label]["heldout"]["nll"] > 0
-    assert "GSM8K answer NLL" in text and " ± " in text.split("Paired against")[1]
+    assert "GSM8K answer NLL" in text and " ± " in text.split("Paired comparisons")[1]
     spec = json.loads((tmp_path / "runs" / "specialisation.json").read_text())
     assert list(spec) == ["moelora (untrained router)", "moelora"] and spec["moelora"]["numeric_tokens"] > 0
     assert 0.0 <= spec["moelora"]["numeric_vs_all_tv"] <= 1.0 and "| moelora | " in text.split("| run | numeric tokens |")[1]
@@ -88,3 +90,10 @@ def test_specialisation_summary_on_known_shares():
     assert abs(m["numeric_vs_all_tv"] - (0.75 + 0.0) / 2) < 1e-6  # layer 0 moves 75% of the mass, layer 1 none
     assert abs(m["numeric_top_share"] - (1.0 + 0.5) / 2) < 1e-6
     assert abs(m["load_cv"] - (0.0 + 1.0) / 2) < 1e-6  # layer 1: std 0.25 / mean 0.25
+
+
+def test_pair_with_an_unknown_label_is_a_clear_error():
+    proc = subprocess.run([sys.executable, "-m", "qmoe.cli", "compare", "recipes/quickstart.yaml",
+                           "--pair", "quickstart", "nope"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no run labelled 'nope'; runs: quickstart" in proc.stderr + proc.stdout

@@ -13,6 +13,9 @@ def add_arguments(parser) -> None:
                         help="LABEL RECIPE [KEY=VALUE ...]: one more run with its own overrides (repeatable), "
                              "e.g. --run moelora-no-cl recipes/gsm8k.yaml adapter.contrastive_loss_weight=0")
     parser.add_argument("--labels", nargs="+", help="a name per recipe (default: the file names)")
+    parser.add_argument("--pair", dest="pairs", nargs=2, action="append", default=[], metavar=("RUN", "REFERENCE"),
+                        help="also compare RUN with REFERENCE problem by problem (repeatable; every run is always "
+                             "paired with the first), e.g. --pair moelora moelora-no-cl for an ablation")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides applied to every recipe, e.g. train.max_steps=100 data.limit=800")
     parser.add_argument("--eval-tasks", nargs="+", default=["gsm8k"],
@@ -50,9 +53,14 @@ def run(args) -> int:
     if args.max_new_tokens:
         eval_args += ["--max-new-tokens", str(args.max_new_tokens)]
     command = "qmoe compare " + shlex.join(_argv_of(args))
+    labels = [label for label, _, _ in runs]
+    for pair in args.pairs:
+        unknown = [label for label in pair if label not in labels]
+        if unknown:
+            raise UsageError(f"--pair {' '.join(pair)}: no run labelled {unknown[0]!r}; runs: {', '.join(labels)}")
     return run_compare(runs, args.overrides, args.eval_tasks, args.eval_limit,
                        Path(args.out_dir), Path(args.results), Path(args.figures) if args.figures else None,
-                       eval_args, command)
+                       eval_args, command, pairs=[tuple(pair) for pair in args.pairs])
 
 
 def _argv_of(args) -> list[str]:
@@ -61,6 +69,8 @@ def _argv_of(args) -> list[str]:
         argv += ["--labels", *args.labels]
     for spec in args.runs:
         argv += ["--run", *spec]
+    for pair in args.pairs:
+        argv += ["--pair", *pair]
     if args.overrides:
         argv += ["--set", *args.overrides]
     argv += ["--eval-tasks", *args.eval_tasks]
