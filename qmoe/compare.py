@@ -136,6 +136,10 @@ def run_compare(runs: list[tuple[str, str, list[str]]], overrides: list[str], ta
     labels = [label for label, _, _ in runs]
     if len(set(labels)) != len(labels):
         raise UsageError(f"run labels must be unique: {labels} (use --labels / --run LABEL ...)")
+    for pair in pairs:
+        unknown = [label for label in pair if label not in labels]
+        if unknown:
+            raise UsageError(f"--pair {' '.join(pair)}: no run labelled {unknown[0]!r}; runs: {', '.join(labels)}")
     for _, recipe, own in runs:  # fail fast, before hours of training, on any bad recipe or override
         load_recipe(recipe, [*overrides, *own])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,15 +162,14 @@ def run_compare(runs: list[tuple[str, str, list[str]]], overrides: list[str], ta
 
     figures, specialisation = [], {}
     if figures_dir is not None:
-        from .specialisation import specialisation_figures
-
         from .compare_plots import accuracy_figure, loss_figure
+        from .specialisation import specialisation_figures
 
         slugs = [task_slug(t) for t in tasks]
         figures = [f for f in (accuracy_figure([base, *finished], slugs, figures_dir / "accuracy-per-task.png"),
                                loss_figure(finished, figures_dir / "training-loss.png")) if f is not None]
         moe_figures, specialisation = specialisation_figures([r for r in finished if r.method == "moelora"],
-                                                             figures_dir, out_dir)
+                                                             figures_dir)
         figures += moe_figures
         atomic_write_json(out_dir / "specialisation.json", specialisation)
     atomic_write_json(out_dir / "results.json", [_as_dict(r) for r in [base, *results]])
@@ -191,8 +194,9 @@ def heldout_losses(rows: list[RunResult], finished: list[RunResult], limit: int 
             if records is None:
                 records = load_gsm8k("test", limit=limit)
             print(f"held-out answer loss: {r.label}", flush=True)
-            if r.recipe == "-":  # the base model: the first run's backbone without its adapter
-                chat = load_chat_model(None, base_source=resolve_adapter(finished[0].run_dir)[0])
+            if r.recipe == "-":  # the base model: the first run's backbone, loaded as it was, without the adapter
+                source, quantization, dtype, _ = resolve_adapter(finished[0].run_dir)
+                chat = load_chat_model(None, base_source=source, quantization=quantization, compute_dtype=dtype)
             else:
                 chat = load_chat_model(r.run_dir)
             atomic_write_json(cache, answer_nll(chat.model, chat.tokenizer, records))
@@ -292,7 +296,7 @@ def paired_table(rows: list[RunResult], slugs: list[str], ns: dict[str, int], pa
     ref = trained[0]
     by_label = {r.label: r for r in rows if not r.error}
     comparisons = [(r, ref) for r in rows if r is not ref and not r.error]
-    comparisons += [(by_label[a], by_label[b]) for a, b in pairs if a in by_label and b in by_label]
+    comparisons += [(by_label[a], by_label[b]) for a, b in pairs if a in by_label and b in by_label]  # not failed
     widest = max(wilson_halfwidth(n // 2, n) for n in ns.values() if n) * 100
     head = ["run", "vs", *[f"Δ {s} (pts)" for s in slugs], "Δ pooled (pts)", "better / worse", "p (two-sided)",
             "Δ answer NLL (95%)"]

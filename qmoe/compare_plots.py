@@ -8,13 +8,27 @@ from .io import read_jsonl
 from .significance import wilson_interval
 
 
-def accuracy_figure(rows, slugs: list[str], path: Path) -> Path | None:
-    """Grouped bars (one group per task, one bar per run) with Wilson 95% error bars; None if nothing scored."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (compare runs headless)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def accuracy_figure(rows, slugs: list[str], path: Path) -> Path | None:
+    """Grouped bars (one group per task, one bar per run) with Wilson 95% error bars; None if nothing scored."""
+    plt = pyplot()
     rows = [r for r in rows if any(r.accuracy.get(s) is not None for s in slugs)]
     if not rows:
         return None
@@ -36,19 +50,12 @@ def accuracy_figure(rows, slugs: list[str], path: Path) -> Path | None:
     ax.set_ylabel("accuracy % (95% interval)")
     ax.set_title("Accuracy per test set")
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def loss_figure(rows, path: Path) -> Path | None:
     """Training LM loss (without auxiliary losses) against step for every trained run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves = {}
     for r in rows:
@@ -65,8 +72,4 @@ def loss_figure(rows, path: Path) -> Path | None:
     ax.set_ylabel("training LM loss")
     ax.set_title("Training loss (auxiliary losses excluded)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

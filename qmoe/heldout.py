@@ -20,7 +20,7 @@ def answer_nll(model, tokenizer, records: list[dict], max_length: int = 512, bat
     from . import clear_aux
 
     examples = tokenize_records(tokenizer, records, max_length)
-    collate = PadCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    collate = PadCollator(tokenizer.pad_token_id)  # load_base_model gives every tokenizer a pad token
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

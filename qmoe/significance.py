@@ -44,15 +44,17 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
 
 @dataclass
 class PairedOutcome:
-    n: int = 0          # problems scored by both
-    wins: int = 0       # right here, wrong in the reference
-    losses: int = 0     # wrong here, right in the reference
-    delta: float = 0.0  # accuracy difference in points over the paired problems
+    n: int = 0       # problems scored by both
+    wins: int = 0    # right here, wrong in the reference
+    losses: int = 0  # wrong here, right in the reference
 
     def __add__(self, other: "PairedOutcome") -> "PairedOutcome":
-        n = self.n + other.n
-        wins, losses = self.wins + other.wins, self.losses + other.losses
-        return PairedOutcome(n, wins, losses, 100.0 * (wins - losses) / n if n else 0.0)
+        return PairedOutcome(self.n + other.n, self.wins + other.wins, self.losses + other.losses)
+
+    @property
+    def delta(self) -> float:
+        """Accuracy difference in points over the paired problems."""
+        return 100.0 * (self.wins - self.losses) / self.n if self.n else 0.0
 
     @property
     def p_value(self) -> float:
@@ -72,5 +74,4 @@ def paired_outcome(eval_file: Path, reference_file: Path) -> PairedOutcome | Non
     shared = mine.keys() & ref.keys()
     wins = sum(mine[k] and not ref[k] for k in shared)
     losses = sum(ref[k] and not mine[k] for k in shared)
-    n = len(shared)
-    return PairedOutcome(n, wins, losses, 100.0 * (wins - losses) / n if n else 0.0)
+    return PairedOutcome(len(shared), wins, losses)

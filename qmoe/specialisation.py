@@ -45,6 +45,11 @@ def top1_shares(weights: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.T
     return torch.stack(rows)
 
 
+def load_cv(shares: torch.Tensor) -> torch.Tensor:
+    """[layers]: coefficient of variation of each layer's expert shares (0 = balanced)."""
+    return shares.std(1, unbiased=False) / shares.mean(1)
+
+
 def summarise(numeric: torch.Tensor, everything: torch.Tensor, n_numeric: int) -> dict:
     """Per-run numbers behind the figures, averaged over layers (inputs are [layers, experts] top-1 shares).
 
@@ -58,7 +63,7 @@ def summarise(numeric: torch.Tensor, everything: torch.Tensor, n_numeric: int) -
         "experts": experts,
         "numeric_vs_all_tv": float(0.5 * (numeric - everything).abs().sum(1).mean()),
         "numeric_top_share": float(numeric.max(1).values.mean()),
-        "load_cv": float((everything.std(1, unbiased=False) / everything.mean(1)).mean()),
+        "load_cv": float(load_cv(everything).mean()),
     }
 
 
@@ -82,20 +87,16 @@ def untrained_chat(run_dir: Path):
     return chat
 
 
-def specialisation_figures(runs, figures_dir: Path, out_dir: Path, n_examples: int = 40) -> tuple[list[Path], dict]:
+def specialisation_figures(runs, figures_dir: Path, n_examples: int = 40) -> tuple[list[Path], dict]:
     """Write the figures for MoELoRA runs, plus the first run's router before training as a baseline;
     returns the PNG paths and ``{label: summarise(...)}``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .chat import load_chat_model
+    from .compare_plots import pyplot, save_figure
     from .data import chat_prompt, load_gsm8k
 
     if not runs:
         return [], {}
-    figures_dir.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
     records = load_gsm8k("test", limit=n_examples)
     stats, summary = {}, {}
     sources = [(f"{runs[0].label} (untrained router)", lambda: untrained_chat(runs[0].run_dir))]
@@ -123,23 +124,15 @@ def specialisation_figures(runs, figures_dir: Path, out_dir: Path, n_examples: i
             ax.set_xlabel("expert")
             ax.set_ylabel(f"layer ({MODULE})")
             fig.colorbar(im, ax=ax, label="share of tokens (top-1)" if col < 2 else "difference in share")
-    fig.tight_layout()
-    path = figures_dir / "numeric-token-routing.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(save_figure(fig, figures_dir / "numeric-token-routing.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, (_, allt) in stats.items():
-        cv = (allt.std(1, unbiased=False) / allt.mean(1)).numpy()
+        cv = load_cv(allt).numpy()
         ax.plot(range(len(cv)), cv, marker="o", label=label)
     ax.set_xlabel(f"layer ({MODULE})")
     ax.set_ylabel("load imbalance (coefficient of variation of top-1 share)")
     ax.set_title("Expert load per layer (0 = perfectly balanced)")
     ax.legend()
-    fig.tight_layout()
-    path = figures_dir / "expert-load-per-layer.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(save_figure(fig, figures_dir / "expert-load-per-layer.png"))
     return paths, summary

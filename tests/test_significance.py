@@ -38,6 +38,6 @@ def test_paired_outcome_counts_discordant_problems(tmp_path):
     assert (out.n, out.wins, out.losses) == (5, 2, 1)
     assert out.delta == pytest.approx(20.0)
     assert paired_outcome(tmp_path / "missing.json", ref) is None
-    pooled = out + PairedOutcome(5, 0, 3, -60.0)
+    pooled = out + PairedOutcome(5, 0, 3)
     assert (pooled.n, pooled.wins, pooled.losses) == (10, 2, 4) and pooled.delta == pytest.approx(-20.0)
     assert pooled.p_value == pytest.approx(sign_test_p(2, 4))

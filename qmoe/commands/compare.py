@@ -53,11 +53,6 @@ def run(args) -> int:
     if args.max_new_tokens:
         eval_args += ["--max-new-tokens", str(args.max_new_tokens)]
     command = "qmoe compare " + shlex.join(_argv_of(args))
-    labels = [label for label, _, _ in runs]
-    for pair in args.pairs:
-        unknown = [label for label in pair if label not in labels]
-        if unknown:
-            raise UsageError(f"--pair {' '.join(pair)}: no run labelled {unknown[0]!r}; runs: {', '.join(labels)}")
     return run_compare(runs, args.overrides, args.eval_tasks, args.eval_limit,
                        Path(args.out_dir), Path(args.results), Path(args.figures) if args.figures else None,
                        eval_args, command, pairs=[tuple(pair) for pair in args.pairs])
