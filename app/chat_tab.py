@@ -73,13 +73,13 @@ class ChatModels:
 
         self.current = None  # free the previous model before loading the next
         if key.startswith(RUN_PREFIX):
-            name = key[len(RUN_PREFIX):]
+            name = key[len(RUN_PREFIX) :]
             if self.ctx.runs.adapter_dir(name) is None:
                 raise UnsafePathError(f"run {name} has no saved adapter yet (it is not finished)")
             chat = load_chat_model(self.ctx.runs.run_dir(name))
             method = qmoe.adapter_config(chat.model).method
         elif key.startswith(BASE_PREFIX):
-            chat = load_chat_model(None, base_source=resolve_model_source(key[len(BASE_PREFIX):], self.ctx.models_dir))
+            chat = load_chat_model(None, base_source=resolve_model_source(key[len(BASE_PREFIX) :], self.ctx.models_dir))
             method = None
         else:
             raise UnsafePathError(f"unknown chat model {key!r}")
@@ -146,8 +146,9 @@ def build_chat_tab(ctx: UIContext) -> dict:
         "the LoRA ranks (rank-composition weights)."
     )
     with gr.Row():
-        model_choice = gr.Dropdown(choices=choices, value=choices[0][1] if choices else None,
-                                   label="Model", elem_id="chat-model", scale=3)
+        model_choice = gr.Dropdown(
+            choices=choices, value=choices[0][1] if choices else None, label="Model", elem_id="chat-model", scale=3
+        )
         max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens", scale=1)
         temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)", scale=1)
     chatbot = gr.Chatbot(label="Conversation", elem_id="chat-history", height=320)
@@ -158,14 +159,29 @@ def build_chat_tab(ctx: UIContext) -> dict:
     status = gr.Markdown(elem_id="chat-status")
     gr.Markdown("### Routing of the last reply")
     layer = gr.Dropdown(choices=[], label="Layer", elem_id="chat-layer")
-    tokens_view = gr.HighlightedText(label="Tokens coloured by top expert (prompt, then reply)", show_legend=True,
-                                     show_inline_category=False, combine_adjacent=False, elem_id="chat-routing",
-                                     interactive=False)
+    tokens_view = gr.HighlightedText(
+        label="Tokens coloured by top expert (prompt, then reply)",
+        show_legend=True,
+        show_inline_category=False,
+        combine_adjacent=False,
+        elem_id="chat-routing",
+        interactive=False,
+    )
     with gr.Row():
-        token_index = gr.Number(value=None, precision=0, label="Selected token # (or click a token above)",
-                                elem_id="chat-token-index", scale=1)
-        token_plot = gr.Plot(label="Routing weights of the selected token (layers × experts)", show_label=False, format="png",
-                             elem_id="chat-token-heatmap", scale=4)
+        token_index = gr.Number(
+            value=None,
+            precision=0,
+            label="Selected token # (or click a token above)",
+            elem_id="chat-token-index",
+            scale=1,
+        )
+        token_plot = gr.Plot(
+            label="Routing weights of the selected token (layers × experts)",
+            show_label=False,
+            format="png",
+            elem_id="chat-token-heatmap",
+            scale=4,
+        )
     routing_state = gr.State(Routing())
 
     def respond(key, text, history, max_tokens, temp):
@@ -175,7 +191,16 @@ def build_chat_tab(ctx: UIContext) -> dict:
             yield history, gr.skip(), "type a message first", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         if not key:
-            yield history, gr.skip(), "**Error:** choose a model first", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield (
+                history,
+                gr.skip(),
+                "**Error:** choose a model first",
+                gr.skip(),
+                gr.skip(),
+                gr.skip(),
+                gr.skip(),
+                gr.skip(),
+            )
             return
         history.append({"role": "user", "content": text})
         yield history, "", "loading the model and generating…", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -185,7 +210,16 @@ def build_chat_tab(ctx: UIContext) -> dict:
                 yield from _generate(loaded, history, int(max_tokens), float(temp))
         except Exception as exc:  # noqa: BLE001 - shown to the user; the UI must keep serving
             message_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            yield history, gr.skip(), f"**Error:** {message_line}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield (
+                history,
+                gr.skip(),
+                f"**Error:** {message_line}",
+                gr.skip(),
+                gr.skip(),
+                gr.skip(),
+                gr.skip(),
+                gr.skip(),
+            )
 
     def _generate(loaded: LoadedModel, history, max_tokens, temp):
         from qmoe.chat import stream_reply
@@ -194,8 +228,9 @@ def build_chat_tab(ctx: UIContext) -> dict:
         prompt_ids = prompt_token_ids(loaded.chat, messages)
         history = history + [{"role": "assistant", "content": ""}]
         reply, done = "", None
-        for event in stream_reply(loaded.chat, messages, max_new_tokens=max_tokens, temperature=temp,
-                                  trace=loaded.method is not None):
+        for event in stream_reply(
+            loaded.chat, messages, max_new_tokens=max_tokens, temperature=temp, trace=loaded.method is not None
+        ):
             if event.get("done"):
                 done = event
                 break
@@ -207,8 +242,16 @@ def build_chat_tab(ctx: UIContext) -> dict:
         prompt_len, generated = len(prompt_ids), len(done["tokens"])
         if not routing.layers:
             note = "no router: base model" if loaded.method is None else f"no router: {loaded.method} has no experts"
-            yield (history, gr.skip(), f"{generated} tokens generated · {note}", routing,
-                   gr.update(choices=[], value=None), [], None, None)
+            yield (
+                history,
+                gr.skip(),
+                f"{generated} tokens generated · {note}",
+                routing,
+                gr.update(choices=[], value=None),
+                [],
+                None,
+                None,
+            )
             return
         first = routing.layers[0]
         pairs, colors = highlighted_tokens(routing, first)
@@ -241,9 +284,12 @@ def build_chat_tab(ctx: UIContext) -> dict:
     inputs = [model_choice, message, chatbot, max_new_tokens, temperature]
     send.click(respond, inputs, outputs, api_name="chat")
     message.submit(respond, inputs, outputs, api_visibility="private")
-    clear.click(lambda: ([], Routing(), gr.update(choices=[], value=None), [], None, None, ""),
-                None, [chatbot, routing_state, layer, tokens_view, token_plot, token_index, status],
-                api_visibility="private")
+    clear.click(
+        lambda: ([], Routing(), gr.update(choices=[], value=None), [], None, None, ""),
+        None,
+        [chatbot, routing_state, layer, tokens_view, token_plot, token_index, status],
+        api_visibility="private",
+    )
     layer.input(change_layer, [routing_state, layer], tokens_view, api_visibility="private")
     tokens_view.select(select_token, routing_state, [token_plot, token_index], api_visibility="private")
     token_index.submit(show_token, [routing_state, token_index], token_plot, api_name="token_routing")
@@ -272,5 +318,7 @@ def _token_figure(routing: Routing, index: int):
         return None
     matrix = np.stack([routing.weights[n][index] for n in routing.layers])
     if np.isnan(matrix).all():
-        return empty_figure(f"token #{index} {routing.tokens[index]!r} ended the reply: it was never fed through the model")
+        return empty_figure(
+            f"token #{index} {routing.tokens[index]!r} ended the reply: it was never fed through the model"
+        )
     return token_heatmap(matrix, routing.layers, routing.tokens[index], index)

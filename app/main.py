@@ -45,10 +45,16 @@ def build_app(runs_dir: str | Path | None = None, models_dir: str | Path | None 
         # a run launched in the Train tab becomes the Monitor tab's selection
         train["launched_run"].change(
             lambda name, choices=None: gr.update(choices=ctx.runs.list_runs(), value=name) if name else gr.skip(),
-            train["launched_run"], monitor["run"], api_visibility="private",
+            train["launched_run"],
+            monitor["run"],
+            api_visibility="private",
         )
-        monitor_tab.select(lambda current: gr.update(choices=ctx.runs.list_runs(), value=current),
-                           monitor["run"], monitor["run"], api_visibility="private")
+        monitor_tab.select(
+            lambda current: gr.update(choices=ctx.runs.list_runs(), value=current),
+            monitor["run"],
+            monitor["run"],
+            api_visibility="private",
+        )
         chat_tab.select(chat["refresh_choices"], chat["model"], chat["model"], api_visibility="private")
         compare_tab.select(compare["refresh_choices"], compare["runs"], compare["runs"], api_visibility="private")
     demo.qmoe_context = ctx  # tests and `qmoe ui` read the resolved folders from here

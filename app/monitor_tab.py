@@ -34,7 +34,9 @@ def status_markdown(info: dict, records: list[dict], eval_result: dict | None) -
         if isinstance(last.get("tokens_per_s"), (int, float)):
             parts.append(f"{last['tokens_per_s']:.0f} tokens/s")
     if eval_result and isinstance(eval_result.get("accuracy"), (int, float)):
-        parts.append(f"eval accuracy {eval_result['accuracy']:.1%} on {eval_result.get('n', '?')} ({eval_result.get('task', '')})")
+        parts.append(
+            f"eval accuracy {eval_result['accuracy']:.1%} on {eval_result.get('n', '?')} ({eval_result.get('task', '')})"
+        )
     text = " · ".join(parts)
     if info.get("error") and state == "failed":
         text += f"\n\n**Error:** `{info['error']}`"
@@ -50,14 +52,30 @@ def build_monitor_tab(ctx: UIContext) -> dict:
     status = gr.Markdown(elem_id="monitor-status")
     curves = gr.Plot(label="Training curves", show_label=False, elem_id="monitor-curves", format="png")
     gr.Markdown("### Expert load")
-    step = gr.Slider(minimum=0, maximum=1, value=0, step=1, label="Logged step to show (drag to replay)",
-                     elem_id="monitor-step", interactive=True)
+    step = gr.Slider(
+        minimum=0,
+        maximum=1,
+        value=0,
+        step=1,
+        label="Logged step to show (drag to replay)",
+        elem_id="monitor-step",
+        interactive=True,
+    )
     follow = gr.Checkbox(value=True, label="Follow the latest step")
     with gr.Row():
-        heatmap = gr.Plot(label="Expert load heatmap (layers × experts)", show_label=False, elem_id="monitor-heatmap", format="png", scale=3)
-        imbalance = gr.Plot(label="Imbalance per layer", show_label=False, elem_id="monitor-imbalance", format="png", scale=2)
-    table = gr.Dataframe(headers=IMBALANCE_HEADERS, interactive=False, label="Imbalance per layer",
-                         elem_id="monitor-imbalance-table")
+        heatmap = gr.Plot(
+            label="Expert load heatmap (layers × experts)",
+            show_label=False,
+            elem_id="monitor-heatmap",
+            format="png",
+            scale=3,
+        )
+        imbalance = gr.Plot(
+            label="Imbalance per layer", show_label=False, elem_id="monitor-imbalance", format="png", scale=2
+        )
+    table = gr.Dataframe(
+        headers=IMBALANCE_HEADERS, interactive=False, label="Imbalance per layer", elem_id="monitor-imbalance-table"
+    )
     seen = gr.State(None)  # (run, file signature) last drawn, so an idle refresh redraws nothing
 
     def load_view(name, index, follow_latest):
@@ -72,7 +90,11 @@ def build_monitor_tab(ctx: UIContext) -> dict:
         point = points[index]
         method = info.get("method") or point.get("method")
         return (
-            gr.update(maximum=max(last, 1), value=index, label=f"Logged step to show (drag to replay): step {point.get('step')}"),
+            gr.update(
+                maximum=max(last, 1),
+                value=index,
+                label=f"Logged step to show (drag to replay): step {point.get('step')}",
+            ),
             load_heatmap(point["expert_load"], point.get("step"), method),
             imbalance_figure(point["expert_load"], method),
             imbalance_rows(point["expert_load"]),
@@ -91,12 +113,20 @@ def build_monitor_tab(ctx: UIContext) -> dict:
         except (OSError, UnsafePathError) as exc:
             return [f"**Error:** {exc}"] + [gr.skip()] * 5 + [previous]
         title = f"{name} ({info.get('method') or ''})"
-        return [status_markdown(info, records, ctx.runs.eval_result(name)), training_curves(records, title), *view, signature]
+        return [
+            status_markdown(info, records, ctx.runs.eval_result(name)),
+            training_curves(records, title),
+            *view,
+            signature,
+        ]
 
     outputs = [status, curves, step, heatmap, imbalance, table, seen]
-    run.change(lambda n, i, f, p: refresh(n, i, f, p, force=True), [run, step, follow, seen], outputs, api_name="monitor")
-    refresh_button.click(lambda n, i, f, p: refresh(n, i, f, p, force=True), [run, step, follow, seen], outputs,
-                         api_visibility="private")
+    run.change(
+        lambda n, i, f, p: refresh(n, i, f, p, force=True), [run, step, follow, seen], outputs, api_name="monitor"
+    )
+    refresh_button.click(
+        lambda n, i, f, p: refresh(n, i, f, p, force=True), [run, step, follow, seen], outputs, api_visibility="private"
+    )
 
     def replay(name, index):
         if not name:
@@ -117,6 +147,11 @@ def build_monitor_tab(ctx: UIContext) -> dict:
             return [run_update, choices] + [gr.skip()] * 7
         return [run_update, choices] + refresh(name, index, follow_latest, previous)
 
-    timer.tick(tick, [run, step, follow, seen, live, known_runs], [run, known_runs] + outputs,
-               api_visibility="private", show_progress="hidden")
+    timer.tick(
+        tick,
+        [run, step, follow, seen, live, known_runs],
+        [run, known_runs] + outputs,
+        api_visibility="private",
+        show_progress="hidden",
+    )
     return {"run": run}

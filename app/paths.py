@@ -52,7 +52,9 @@ def recipes_dir() -> Path:
 def list_recipes() -> list[str]:
     """Names (file stems) of the shipped recipes, quickstart first."""
     folder = recipes_dir()
-    names = sorted(p.stem for p in folder.glob("*.yaml") if p.is_file() and not p.is_symlink() and _NAME.fullmatch(p.stem))
+    names = sorted(
+        p.stem for p in folder.glob("*.yaml") if p.is_file() and not p.is_symlink() and _NAME.fullmatch(p.stem)
+    )
     return sorted(names, key=lambda n: (n != "quickstart", n))
 
 

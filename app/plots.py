@@ -18,8 +18,16 @@ from matplotlib.figure import Figure  # noqa: E402
 COLLAPSE_FRACTION = 0.1
 # tab10 colours: the same expert has the same colour in every plot and in the token view
 EXPERT_COLORS = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
 ]
 
 
@@ -33,7 +41,7 @@ def short_layer_name(name: str) -> str:
     if "layers" in parts:
         i = parts.index("layers")
         if i + 1 < len(parts):
-            return f"L{parts[i + 1]} " + ".".join(parts[i + 2:])
+            return f"L{parts[i + 1]} " + ".".join(parts[i + 2 :])
     return name.removeprefix("model.")
 
 
@@ -132,8 +140,15 @@ def load_heatmap(expert_load: dict[str, list[float]], step, method: str | None =
     if matrix.size <= 160:
         for (i, j), value in np.ndenumerate(matrix):
             if not np.isnan(value):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if value < np.nanmax(matrix) * 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value < np.nanmax(matrix) * 0.6 else "black",
+                )
     fig.colorbar(image, ax=ax, label="mean weight" if coe else "fraction of routed tokens")
     return fig
 
@@ -150,13 +165,15 @@ def imbalance_rows(expert_load: dict[str, list[float]]) -> list[list]:
         cv = float(values.std() / mean) if mean > 0 else float("nan")
         collapsed = [int(i) for i in np.flatnonzero(values < COLLAPSE_FRACTION / values.size)]
         busiest = int(values.argmax())
-        rows.append([
-            short_layer_name(name),
-            round(cv, 3),
-            f"{busiest} ({values[busiest]:.0%})",
-            ", ".join(map(str, collapsed)) if collapsed else "",
-            "collapsed experts" if collapsed else ("imbalanced" if cv > 0.5 else "ok"),
-        ])
+        rows.append(
+            [
+                short_layer_name(name),
+                round(cv, 3),
+                f"{busiest} ({values[busiest]:.0%})",
+                ", ".join(map(str, collapsed)) if collapsed else "",
+                "collapsed experts" if collapsed else ("imbalanced" if cv > 0.5 else "ok"),
+            ]
+        )
     return rows
 
 
@@ -170,7 +187,9 @@ def imbalance_figure(expert_load: dict[str, list[float]], method: str | None = N
         return empty_figure("no expert load recorded", (8, 2.5))
     fig = Figure(figsize=(7, min(max(3.5, 1.5 + 0.3 * len(rows)), 30)), layout="constrained")
     ax = fig.add_subplot()
-    colors = ["#d62728" if r[4] == "collapsed experts" else ("#ff7f0e" if r[4] == "imbalanced" else "#2ca02c") for r in rows]
+    colors = [
+        "#d62728" if r[4] == "collapsed experts" else ("#ff7f0e" if r[4] == "imbalanced" else "#2ca02c") for r in rows
+    ]
     ax.barh(range(len(rows)), [r[1] for r in rows], color=colors)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([r[0] for r in rows], fontsize=7 if len(rows) > 20 else 9)
@@ -201,10 +220,13 @@ def compare_curves(runs: dict[str, list[dict]]) -> Figure:
 
 def token_heatmap(weights: np.ndarray, layers: list[str], token: str, index: int) -> Figure:
     """Layers × experts routing weights of one token, as recorded during generation."""
-    fig = Figure(figsize=(max(6.0, 2.5 + 0.6 * weights.shape[1]), min(2.0 + 0.22 * len(layers), 30)), layout="constrained")
+    fig = Figure(
+        figsize=(max(6.0, 2.5 + 0.6 * weights.shape[1]), min(2.0 + 0.22 * len(layers), 30)), layout="constrained"
+    )
     ax = fig.add_subplot()
-    image = ax.imshow(weights, aspect="auto", cmap="magma", vmin=0, vmax=max(1e-9, float(np.nanmax(weights))),
-                      interpolation="nearest")
+    image = ax.imshow(
+        weights, aspect="auto", cmap="magma", vmin=0, vmax=max(1e-9, float(np.nanmax(weights))), interpolation="nearest"
+    )
     ax.set_xticks(range(weights.shape[1]))
     ax.set_xlabel("expert")
     ax.set_yticks(range(len(layers)))

@@ -103,8 +103,7 @@ class RunManager:
     def list_runs(self) -> list[str]:
         """Run names, newest first (folders with a recipe.yaml)."""
         runs = [
-            p for p in self.runs_dir.iterdir()
-            if p.is_dir() and not p.is_symlink() and (p / "recipe.yaml").is_file()
+            p for p in self.runs_dir.iterdir() if p.is_dir() and not p.is_symlink() and (p / "recipe.yaml").is_file()
         ]
         runs.sort(key=lambda p: (p / "recipe.yaml").stat().st_mtime, reverse=True)
         return [p.name for p in runs]

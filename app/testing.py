@@ -32,9 +32,17 @@ def serving(demo, host: str = "127.0.0.1"):
         demo.close()
 
 
-def write_contract_run(runs_dir: Path, name: str, method: str = "moelora", steps: int = 20, experts: int = 4,
-                       layers: int = 2, state: str = "finished", accuracy: float | None = 0.25,
-                       trainable: int = 12345) -> Path:
+def write_contract_run(
+    runs_dir: Path,
+    name: str,
+    method: str = "moelora",
+    steps: int = 20,
+    experts: int = 4,
+    layers: int = 2,
+    state: str = "finished",
+    accuracy: float | None = 0.25,
+    trainable: int = 12345,
+) -> Path:
     """A run directory as the pipeline writes it, with a plausible loss curve and expert loads that drift
     from uniform towards one busy expert (and one collapsed expert in the last layer)."""
     run = Path(runs_dir) / name
@@ -46,25 +54,47 @@ def write_contract_run(runs_dir: Path, name: str, method: str = "moelora", steps
         t = step / steps
         load = {}
         for j, layer in enumerate(names):
-            raw = [1.0 + t * (2.0 if e == 0 else 0.0) - (t * 0.99 if (e == experts - 1 and j == len(names) - 1) else 0)
-                   for e in range(experts)]
+            raw = [
+                1.0 + t * (2.0 if e == 0 else 0.0) - (t * 0.99 if (e == experts - 1 and j == len(names) - 1) else 0)
+                for e in range(experts)
+            ]
             total = sum(raw)
             load[layer] = [v / total for v in raw]
         lm = 2.5 * math.exp(-2 * t) + 0.5
-        lines.append(json.dumps({
-            "step": step, "epoch": t, "loss": lm + 0.05, "lm_loss": lm,
-            "balance_loss": 1.0 + 0.2 * t if method == "moelora" else 0.0,
-            "contrastive_loss": 3.0 - t if method == "moelora" else 0.0,
-            "lr": 1e-3 * (1 - t), "tokens_per_s": 900 + 10 * step, "peak_mem_mb": 512 + step,
-            "stage": "joint", "expert_load": {} if method == "lora" else load,
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "step": step,
+                    "epoch": t,
+                    "loss": lm + 0.05,
+                    "lm_loss": lm,
+                    "balance_loss": 1.0 + 0.2 * t if method == "moelora" else 0.0,
+                    "contrastive_loss": 3.0 - t if method == "moelora" else 0.0,
+                    "lr": 1e-3 * (1 - t),
+                    "tokens_per_s": 900 + 10 * step,
+                    "peak_mem_mb": 512 + step,
+                    "stage": "joint",
+                    "expert_load": {} if method == "lora" else load,
+                }
+            )
+        )
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     now = time.time()
-    atomic_write_json(run / "status.json", {
-        "state": state, "pid": None, "started": now - 60, "updated": now, "step": steps, "max_steps": steps,
-        "stage": "joint", "error": "RuntimeError: boom" if state == "failed" else None,
-        "trainable_parameters": trainable, "method": method,
-    })
+    atomic_write_json(
+        run / "status.json",
+        {
+            "state": state,
+            "pid": None,
+            "started": now - 60,
+            "updated": now,
+            "step": steps,
+            "max_steps": steps,
+            "stage": "joint",
+            "error": "RuntimeError: boom" if state == "failed" else None,
+            "trainable_parameters": trainable,
+            "method": method,
+        },
+    )
     if accuracy is not None:
         atomic_write_json(run / "eval.json", {"task": "gsm8k", "n": 20, "accuracy": accuracy, "predictions": []})
     return run

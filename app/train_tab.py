@@ -11,7 +11,15 @@ from qmoe.config import METHODS
 
 from .context import UIContext
 from .paths import UnsafePathError, list_recipes
-from .recipe_form import FIELDS, RecipeError, build_recipe, field_info, method_field_values, method_uses, recipe_form_values
+from .recipe_form import (
+    FIELDS,
+    RecipeError,
+    build_recipe,
+    field_info,
+    method_field_values,
+    method_uses,
+    recipe_form_values,
+)
 
 RUN_HEADERS = ["run", "state", "step", "method", "started", "last error"]
 
@@ -32,14 +40,16 @@ def runs_table(ctx: UIContext) -> list[list]:
         elif isinstance(started, str):  # ISO 8601 from the pipeline: date and time are enough here
             started = started[:19].replace("T", " ")
         state = info["state"]
-        rows.append([
-            name,
-            state,
-            progress,
-            info.get("method") or "",
-            started or "",
-            info.get("error") or "",
-        ])
+        rows.append(
+            [
+                name,
+                state,
+                progress,
+                info.get("method") or "",
+                started or "",
+                info.get("error") or "",
+            ]
+        )
     return rows
 
 
@@ -84,7 +94,9 @@ def build_train_tab(ctx: UIContext) -> dict:
         f"process in `{ctx.runs.runs_dir}`: closing the browser does not stop it."
     )
     with gr.Row():
-        recipe = gr.Dropdown(choices=recipes, value=first, label="Recipe (from recipes/)", elem_id="train-recipe", scale=2)
+        recipe = gr.Dropdown(
+            choices=recipes, value=first, label="Recipe (from recipes/)", elem_id="train-recipe", scale=2
+        )
         reload_button = gr.Button("Reset fields to the recipe", scale=1)
     groups = (
         ("Model and adapter", ("model.", "adapter.")),
@@ -100,7 +112,9 @@ def build_train_tab(ctx: UIContext) -> dict:
                         component = make(field)
                         if field.key.startswith("adapter.") and field.key != "adapter.method":
                             component.visible = method_uses(method0, field.key.split(".", 1)[1]) or field.key in (
-                                "adapter.r", "adapter.alpha")
+                                "adapter.r",
+                                "adapter.alpha",
+                            )
                         inputs[field.key] = component
     form = [inputs[f.key] for f in FIELDS]
     with gr.Row():
@@ -111,14 +125,21 @@ def build_train_tab(ctx: UIContext) -> dict:
         preview = gr.Code(language="yaml", label="recipe.yaml", elem_id="train-yaml", interactive=False)
 
     gr.Markdown("### Runs")
-    runs = gr.Dataframe(value=runs_table(ctx), headers=RUN_HEADERS, interactive=False, wrap=True,
-                        elem_id="train-runs", label="Runs (refreshes every few seconds)")
+    runs = gr.Dataframe(
+        value=runs_table(ctx),
+        headers=RUN_HEADERS,
+        interactive=False,
+        wrap=True,
+        elem_id="train-runs",
+        label="Runs (refreshes every few seconds)",
+    )
     with gr.Row():
         run_choice = gr.Dropdown(choices=ctx.runs.list_runs(), label="Run", elem_id="train-run-choice", scale=3)
         stop_button = gr.Button("Stop run (SIGTERM, saves a checkpoint)", variant="stop", elem_id="train-stop", scale=1)
     stop_message = gr.Markdown()
-    log_tail = gr.Textbox(label="Log tail of the selected run", lines=8, max_lines=16, interactive=False,
-                          elem_id="train-log")
+    log_tail = gr.Textbox(
+        label="Log tail of the selected run", lines=8, max_lines=16, interactive=False, elem_id="train-log"
+    )
 
     # ---- events ------------------------------------------------------------------------------------------
     def load_recipe_fields(name):
@@ -131,8 +152,11 @@ def build_train_tab(ctx: UIContext) -> dict:
         for field in FIELDS:
             if field.key.startswith("adapter.") and field.key != "adapter.method":
                 name_ = field.key.split(".", 1)[1]
-                updates.append(gr.update(value=values[field.key], info=field_info(field.key, method),
-                                         visible=method_uses(method, name_)))
+                updates.append(
+                    gr.update(
+                        value=values[field.key], info=field_info(field.key, method), visible=method_uses(method, name_)
+                    )
+                )
             elif field.key == "model.source":
                 updates.append(gr.update(value=values[field.key], choices=ctx.model_choices()))
             else:
@@ -144,15 +168,17 @@ def build_train_tab(ctx: UIContext) -> dict:
             return [gr.skip()] * len(adapter_fields)
         values = method_field_values(name, method)
         return [
-            gr.update(value=values[f.key], visible=method_uses(method, f.key.split(".", 1)[1]),
-                      info=field_info(f.key, method))
+            gr.update(
+                value=values[f.key], visible=method_uses(method, f.key.split(".", 1)[1]), info=field_info(f.key, method)
+            )
             for f in adapter_fields
         ]
 
     def preview_recipe(name, *values):
         try:
-            _, text = build_recipe(name, _form_dict(values), ctx.models_dir,
-                                   str(ctx.runs.runs_dir / f"{name}-<launch time>-<id>"))
+            _, text = build_recipe(
+                name, _form_dict(values), ctx.models_dir, str(ctx.runs.runs_dir / f"{name}-<launch time>-<id>")
+            )
         except (RecipeError, UnsafePathError) as exc:
             return _refused(str(exc)), gr.skip(), gr.skip()
         return _ok("valid recipe"), text, gr.update(open=True)
@@ -194,14 +220,23 @@ def build_train_tab(ctx: UIContext) -> dict:
     launched_run = gr.State(None)
     recipe.change(load_recipe_fields, recipe, form + [message], api_name="recipe_fields")
     reload_button.click(load_recipe_fields, recipe, form + [message], api_visibility="private")
-    inputs["adapter.method"].input(change_method, [recipe, inputs["adapter.method"]],
-                                   [inputs[f.key] for f in adapter_fields], api_visibility="private")
+    inputs["adapter.method"].input(
+        change_method,
+        [recipe, inputs["adapter.method"]],
+        [inputs[f.key] for f in adapter_fields],
+        api_visibility="private",
+    )
     preview_button.click(preview_recipe, [recipe] + form, [message, preview, preview_box], api_name="preview")
     launch_button.click(launch, [recipe] + form, [message, preview, runs, run_choice, launched_run], api_name="launch")
     stop_button.click(stop, run_choice, stop_message, api_name="stop")
     run_choice.change(lambda s: ctx.runs.log_tail(s, 20) if s else "", run_choice, log_tail, api_visibility="private")
     timer = gr.Timer(3.0)
     known_runs = gr.State(ctx.runs.list_runs())
-    timer.tick(refresh_runs, [run_choice, known_runs], [runs, run_choice, log_tail, known_runs], api_name="runs",
-               show_progress="hidden")
+    timer.tick(
+        refresh_runs,
+        [run_choice, known_runs],
+        [runs, run_choice, log_tail, known_runs],
+        api_name="runs",
+        show_progress="hidden",
+    )
     return {"launched_run": launched_run, "run_choice": run_choice}

@@ -15,8 +15,18 @@ from qmoe.bench.timing import interleaved_medians
 from qmoe.kernels import loracoe_gate, loracoe_gate_reference, moelora_gate, moelora_gate_reference, triton_available
 
 CASES = {
-    "moelora 8x4 top-2": (lambda z, b: moelora_gate(z, 8, 4, 2, b), lambda z: moelora_gate_reference(z, 8, 4, 2), 8 + 32, 32),
-    "loracoe E=2 r=16": (lambda z, b: loracoe_gate(z, 2, 16, 16.0, b), lambda z: loracoe_gate_reference(z, 2, 16, 16.0), 16 + 32, 16),
+    "moelora 8x4 top-2": (
+        lambda z, b: moelora_gate(z, 8, 4, 2, b),
+        lambda z: moelora_gate_reference(z, 8, 4, 2),
+        8 + 32,
+        32,
+    ),
+    "loracoe E=2 r=16": (
+        lambda z, b: loracoe_gate(z, 2, 16, 16.0, b),
+        lambda z: loracoe_gate_reference(z, 2, 16, 16.0),
+        16 + 32,
+        16,
+    ),
 }
 
 
@@ -63,7 +73,9 @@ def main() -> None:
             medians = interleaved_medians({k: run(v) for k, v in impls.items()}, args.repeats, 3, args.device)
             for impl_name, impl in impls.items():
                 kib = saved_bytes(impl, z) / 1024
-                print(f"| {name} | {tokens} | {impl_name} | {medians[impl_name]['median_s'] * 1e6:.0f} µs | {kib:.0f} KiB |")
+                print(
+                    f"| {name} | {tokens} | {impl_name} | {medians[impl_name]['median_s'] * 1e6:.0f} µs | {kib:.0f} KiB |"
+                )
 
 
 if __name__ == "__main__":

@@ -65,8 +65,13 @@ def resolve_adapter(path: str | Path | None, base_source: str | None = None):
     return source, "nf4", "auto", path
 
 
-def load_chat_model(path: str | Path | None = None, base_source: str | None = None, quantization: str | None = None,
-                    compute_dtype: str | None = None, device: str = "auto") -> ChatModel:
+def load_chat_model(
+    path: str | Path | None = None,
+    base_source: str | None = None,
+    quantization: str | None = None,
+    compute_dtype: str | None = None,
+    device: str = "auto",
+) -> ChatModel:
     from .attach import adapter_layers
     from .models import load_base_model
     from .serialization import AdapterError, load_adapter
@@ -84,8 +89,9 @@ def load_chat_model(path: str | Path | None = None, base_source: str | None = No
     return ChatModel(model, tokenizer, source, adapter_dir, routed)
 
 
-def stream_reply(chat: ChatModel, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
-                 trace: bool = False) -> Iterator[dict]:
+def stream_reply(
+    chat: ChatModel, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0, trace: bool = False
+) -> Iterator[dict]:
     from transformers import TextIteratorStreamer
 
     from .routing import routing, set_tracing
@@ -94,16 +100,24 @@ def stream_reply(chat: ChatModel, messages: list[dict], max_new_tokens: int = 25
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(
-        do_sample=False, temperature=None, top_p=None, top_k=None)
+    sampling = (
+        dict(do_sample=True, temperature=temperature)
+        if temperature > 0
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    )
     result: dict = {}
     tracing = trace and bool(chat.routed_layers)
 
     def work():
         try:
             with torch.no_grad():
-                result["ids"] = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
-                                               pad_token_id=tokenizer.pad_token_id, **sampling)
+                result["ids"] = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    streamer=streamer,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **sampling,
+                )
         except BaseException as exc:  # surfaced in the caller's thread below
             result["error"] = exc
             streamer.end()
@@ -125,7 +139,7 @@ def stream_reply(chat: ChatModel, messages: list[dict], max_new_tokens: int = 25
             adapter_context(model).trace = False
     if "error" in result:
         raise result["error"]
-    new_ids = result["ids"][0, inputs["input_ids"].shape[1]:]
+    new_ids = result["ids"][0, inputs["input_ids"].shape[1] :]
     tokens = [tokenizer.decode([int(t)]) for t in new_ids]
     per_layer = {}
     if tracing:

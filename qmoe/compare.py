@@ -109,8 +109,9 @@ def train(label: str, recipe: str, overrides: list[str], out_dir: Path) -> RunRe
     return result
 
 
-def evaluate(run_dir: Path, task: str, limit: int | None, out_file: Path, base_only: bool, log: Path,
-             extra: list[str]) -> tuple[float | None, int]:
+def evaluate(
+    run_dir: Path, task: str, limit: int | None, out_file: Path, base_only: bool, log: Path, extra: list[str]
+) -> tuple[float | None, int]:
     if not out_file.is_file():
         args = ["eval", str(run_dir), "--task", task, "--output", str(out_file), *extra]
         if limit:
@@ -126,9 +127,18 @@ def evaluate(run_dir: Path, task: str, limit: int | None, out_file: Path, base_o
     return data.get("accuracy"), data.get("n", 0)
 
 
-def run_compare(runs: list[tuple[str, str, list[str]]], overrides: list[str], tasks: list[str],
-                limit: int | None, out_dir: Path, results_file: Path, figures_dir: Path | None,
-                eval_args: list[str], command: str, pairs: list[tuple[str, str]] = ()) -> int:
+def run_compare(
+    runs: list[tuple[str, str, list[str]]],
+    overrides: list[str],
+    tasks: list[str],
+    limit: int | None,
+    out_dir: Path,
+    results_file: Path,
+    figures_dir: Path | None,
+    eval_args: list[str],
+    command: str,
+    pairs: list[tuple[str, str]] = (),
+) -> int:
     from .recipe import load_recipe
 
     """``runs``: (label, recipe path, run-specific overrides); ``overrides`` apply to every run; ``pairs``:
@@ -150,12 +160,26 @@ def run_compare(runs: list[tuple[str, str, list[str]]], overrides: list[str], ta
     for task in tasks:
         slug = task_slug(task)
         if finished:
-            acc, n = evaluate(finished[0].run_dir, task, limit, base.run_dir / f"eval-{slug}.json", True,
-                              out_dir / "logs" / f"base-eval-{slug}.log", eval_args)
+            acc, n = evaluate(
+                finished[0].run_dir,
+                task,
+                limit,
+                base.run_dir / f"eval-{slug}.json",
+                True,
+                out_dir / "logs" / f"base-eval-{slug}.log",
+                eval_args,
+            )
             base.accuracy[slug], base.n[slug] = acc, n
         for r in finished:
-            acc, n = evaluate(r.run_dir, task, limit, r.run_dir / f"eval-{slug}.json", False,
-                              out_dir / "logs" / f"{r.label}-eval-{slug}.log", eval_args)
+            acc, n = evaluate(
+                r.run_dir,
+                task,
+                limit,
+                r.run_dir / f"eval-{slug}.json",
+                False,
+                out_dir / "logs" / f"{r.label}-eval-{slug}.log",
+                eval_args,
+            )
             r.accuracy[slug], r.n[slug] = acc, n
 
     heldout_losses([base, *finished], finished, limit)
@@ -166,10 +190,17 @@ def run_compare(runs: list[tuple[str, str, list[str]]], overrides: list[str], ta
         from .specialisation import specialisation_figures
 
         slugs = [task_slug(t) for t in tasks]
-        figures = [f for f in (accuracy_figure([base, *finished], slugs, figures_dir / "accuracy-per-task.png"),
-                               loss_figure(finished, figures_dir / "training-loss.png")) if f is not None]
-        moe_figures, specialisation = specialisation_figures([r for r in finished if r.method == "moelora"],
-                                                             figures_dir)
+        figures = [
+            f
+            for f in (
+                accuracy_figure([base, *finished], slugs, figures_dir / "accuracy-per-task.png"),
+                loss_figure(finished, figures_dir / "training-loss.png"),
+            )
+            if f is not None
+        ]
+        moe_figures, specialisation = specialisation_figures(
+            [r for r in finished if r.method == "moelora"], figures_dir
+        )
         figures += moe_figures
         atomic_write_json(out_dir / "specialisation.json", specialisation)
     atomic_write_json(out_dir / "results.json", [_as_dict(r) for r in [base, *results]])
@@ -231,11 +262,28 @@ def _fmt(value, spec: str, empty: str = "–") -> str:
     return empty if value is None else format(value, spec)
 
 
-def render_results(rows: list[RunResult], tasks: list[str], limit: int | None, command: str, figures: list[Path],
-                   results_file: Path, specialisation: dict | None = None, pairs=()) -> str:
+def render_results(
+    rows: list[RunResult],
+    tasks: list[str],
+    limit: int | None,
+    command: str,
+    figures: list[Path],
+    results_file: Path,
+    specialisation: dict | None = None,
+    pairs=(),
+) -> str:
     slugs = [task_slug(t) for t in tasks]
-    head = ["method (run)", *[f"{s} acc %" for s in slugs], "mean acc %", "GSM8K answer NLL", "trainable params",
-            "train time (s)", "peak mem (MB)", "tokens/s", "final train loss"]
+    head = [
+        "method (run)",
+        *[f"{s} acc %" for s in slugs],
+        "mean acc %",
+        "GSM8K answer NLL",
+        "trainable params",
+        "train time (s)",
+        "peak mem (MB)",
+        "tokens/s",
+        "final train loss",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         accs = [r.accuracy.get(s) for s in slugs]
@@ -244,11 +292,17 @@ def render_results(rows: list[RunResult], tasks: list[str], limit: int | None, c
         name = r.label if r.recipe == "-" else f"{r.method or '?'} ({r.label})"
         if r.error:
             name += f" — failed: {r.error}"
-        cells = [name, *[_fmt(a * 100 if a is not None else None, ".1f") for a in accs],
-                 _fmt(mean * 100 if mean is not None else None, ".1f"),
-                 _fmt(r.heldout["nll"] if r.heldout else None, ".3f"),
-                 _fmt(r.trainable_parameters, ","), _fmt(r.train_seconds, ".0f"), _fmt(r.peak_mem_mb, ".0f"),
-                 _fmt(r.tokens_per_s, ".0f"), _fmt(r.final_loss, ".3f")]
+        cells = [
+            name,
+            *[_fmt(a * 100 if a is not None else None, ".1f") for a in accs],
+            _fmt(mean * 100 if mean is not None else None, ".1f"),
+            _fmt(r.heldout["nll"] if r.heldout else None, ".3f"),
+            _fmt(r.trainable_parameters, ","),
+            _fmt(r.train_seconds, ".0f"),
+            _fmt(r.peak_mem_mb, ".0f"),
+            _fmt(r.tokens_per_s, ".0f"),
+            _fmt(r.final_loss, ".3f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     ns = {s: max((r.n.get(s, 0) for r in rows), default=0) for s in slugs}
     out = [
@@ -258,7 +312,9 @@ def render_results(rows: list[RunResult], tasks: list[str], limit: int | None, c
         "",
         f"Machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d')}. Test examples per task: "
-        + ", ".join(f"{s} {ns[s]}" for s in slugs) + (f" (limit {limit})" if limit else "") + ".",
+        + ", ".join(f"{s} {ns[s]}" for s in slugs)
+        + (f" (limit {limit})" if limit else "")
+        + ".",
         "",
         *lines,
         "",
@@ -270,19 +326,30 @@ def render_results(rows: list[RunResult], tasks: list[str], limit: int | None, c
         *paired_table(rows, slugs, ns, pairs),
     ]
     if specialisation:
-        out += ["", "Expert specialisation (MoELoRA runs; top-1 routing at each layer's `mlp.down_proj`, teacher-forced "
-                "over GSM8K test question+answer pairs, averaged over layers): numeric vs all TV is the total-variation "
-                "distance between where numeric tokens and all tokens go (0 = numbers routed like any token); numeric "
-                "top share is the share of numeric tokens taken by the busiest expert (1/E = even); load CV is the "
-                "coefficient of variation of the expert load (0 = balanced).", "",
-                "| run | numeric tokens | numeric vs all TV | numeric top share | load CV |", "|---|---|---|---|---|"]
+        out += [
+            "",
+            "Expert specialisation (MoELoRA runs; top-1 routing at each layer's `mlp.down_proj`, teacher-forced "
+            "over GSM8K test question+answer pairs, averaged over layers): numeric vs all TV is the total-variation "
+            "distance between where numeric tokens and all tokens go (0 = numbers routed like any token); numeric "
+            "top share is the share of numeric tokens taken by the busiest expert (1/E = even); load CV is the "
+            "coefficient of variation of the expert load (0 = balanced).",
+            "",
+            "| run | numeric tokens | numeric vs all TV | numeric top share | load CV |",
+            "|---|---|---|---|---|",
+        ]
         for label, m in specialisation.items():
-            out.append(f"| {label} | {m['numeric_tokens']} | {m['numeric_vs_all_tv']:.3f} | "
-                       f"{m['numeric_top_share']:.3f} (1/E = {1 / m['experts']:.3f}) | {m['load_cv']:.3f} |")
+            out.append(
+                f"| {label} | {m['numeric_tokens']} | {m['numeric_vs_all_tv']:.3f} | "
+                f"{m['numeric_top_share']:.3f} (1/E = {1 / m['experts']:.3f}) | {m['load_cv']:.3f} |"
+            )
     if figures:
         out += ["", "Figures:", ""]
         for fig in figures:
-            rel = Path(fig).resolve().relative_to(results_file.resolve().parent) if _inside(fig, results_file.parent) else fig
+            rel = (
+                Path(fig).resolve().relative_to(results_file.resolve().parent)
+                if _inside(fig, results_file.parent)
+                else fig
+            )
             out.append(f"![{Path(fig).stem}]({rel})")
     return "\n".join(out) + "\n"
 
@@ -298,8 +365,15 @@ def paired_table(rows: list[RunResult], slugs: list[str], ns: dict[str, int], pa
     comparisons = [(r, ref) for r in rows if r is not ref and not r.error]
     comparisons += [(by_label[a], by_label[b]) for a, b in pairs if a in by_label and b in by_label]  # not failed
     widest = max(wilson_halfwidth(n // 2, n) for n in ns.values() if n) * 100
-    head = ["run", "vs", *[f"Δ {s} (pts)" for s in slugs], "Δ pooled (pts)", "better / worse", "p (two-sided)",
-            "Δ answer NLL (95%)"]
+    head = [
+        "run",
+        "vs",
+        *[f"Δ {s} (pts)" for s in slugs],
+        "Δ pooled (pts)",
+        "better / worse",
+        "p (two-sided)",
+        "Δ answer NLL (95%)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r, other in comparisons:
         per_task = [paired_outcome(r.run_dir / f"eval-{s}.json", other.run_dir / f"eval-{s}.json") for s in slugs]
@@ -307,10 +381,21 @@ def paired_table(rows: list[RunResult], slugs: list[str], ns: dict[str, int], pa
             continue
         pooled = sum(per_task, PairedOutcome())
         nll = paired_nll_difference(r.heldout, other.heldout) if r.heldout and other.heldout else None
-        lines.append("| " + " | ".join([r.label, other.label, *[f"{o.delta:+.1f}" for o in per_task],
-                                         f"{pooled.delta:+.1f}", f"{pooled.wins} / {pooled.losses}",
-                                         f"{pooled.p_value:.2f}", f"{nll[0]:+.3f} ± {nll[1]:.3f}" if nll else "–"])
-                     + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r.label,
+                    other.label,
+                    *[f"{o.delta:+.1f}" for o in per_task],
+                    f"{pooled.delta:+.1f}",
+                    f"{pooled.wins} / {pooled.losses}",
+                    f"{pooled.p_value:.2f}",
+                    f"{nll[0]:+.3f} ± {nll[1]:.3f}" if nll else "–",
+                ]
+            )
+            + " |"
+        )
     return [
         "",
         f"Paired comparisons on the same problems (every run against `{ref.label}`, then any `--pair`): Δ is the "

@@ -59,8 +59,15 @@ def loss_figure(rows, path: Path) -> Path | None:
 
     curves = {}
     for r in rows:
-        points = [(m["step"], m.get("lm_loss", m["loss"])) for m in read_jsonl(r.run_dir / "metrics.jsonl")
-                  if m.get("loss") is not None and m.get("step") is not None] if r.recipe != "-" else []
+        points = (
+            [
+                (m["step"], m.get("lm_loss", m["loss"]))
+                for m in read_jsonl(r.run_dir / "metrics.jsonl")
+                if m.get("loss") is not None and m.get("step") is not None
+            ]
+            if r.recipe != "-"
+            else []
+        )
         if points:
             curves[r.label] = points
     if not curves:

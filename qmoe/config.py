@@ -80,7 +80,11 @@ def _check(c: AdapterConfig) -> None:
     if c.num_experts is None or c.num_experts < 1:
         _fail("num_experts", c.num_experts, "must be an integer >= 1")
     if c.method == "loramoe" and c.r % c.num_experts:
-        _fail("r", c.r, f"must be divisible by num_experts={c.num_experts} for loramoe (each expert gets rank r/num_experts)")
+        _fail(
+            "r",
+            c.r,
+            f"must be divisible by num_experts={c.num_experts} for loramoe (each expert gets rank r/num_experts)",
+        )
     if c.method == "moelora":
         if c.top_k is None or not 1 <= c.top_k <= c.num_experts:
             _fail("top_k", c.top_k, f"must be in [1, num_experts={c.num_experts}]")

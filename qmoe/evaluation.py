@@ -38,7 +38,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, system_p
         eos_token_id=tokenizer.eos_token_id,
         use_cache=True,
     )
-    new_tokens = output[:, batch["input_ids"].shape[1]:]
+    new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
@@ -46,9 +46,19 @@ class EvaluationStopped(Exception):
     """``should_stop`` returned True between two batches."""
 
 
-def evaluate_records(model, tokenizer, records: list[dict], kind: str, *, task: str, batch_size: int = 8,
-                     max_new_tokens: int = 256, system_prompt: str | None = None, progress: bool = True,
-                     should_stop=None) -> dict:
+def evaluate_records(
+    model,
+    tokenizer,
+    records: list[dict],
+    kind: str,
+    *,
+    task: str,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    system_prompt: str | None = None,
+    progress: bool = True,
+    should_stop=None,
+) -> dict:
     """Generate for every record and score it; the eval.json payload. ``should_stop()`` is checked
     between batches (a stop request during the final evaluation of a run)."""
     was_training = model.training
@@ -61,18 +71,20 @@ def evaluate_records(model, tokenizer, records: list[dict], kind: str, *, task: 
         for start in range(0, len(records), batch_size):
             if should_stop is not None and should_stop():
                 raise EvaluationStopped
-            chunk = records[start:start + batch_size]
+            chunk = records[start : start + batch_size]
             outputs = generate(model, tokenizer, [r["prompt"] for r in chunk], max_new_tokens, system_prompt)
             for offset, (record, text) in enumerate(zip(chunk, outputs)):
                 prediction, correct = score(kind, text, record["gold"])
-                predictions.append({
-                    "index": start + offset,
-                    "prompt": record["prompt"],
-                    "gold": record["gold"],
-                    "generated": text,
-                    "prediction": prediction,
-                    "correct": bool(correct),
-                })
+                predictions.append(
+                    {
+                        "index": start + offset,
+                        "prompt": record["prompt"],
+                        "gold": record["gold"],
+                        "generated": text,
+                        "prediction": prediction,
+                        "correct": bool(correct),
+                    }
+                )
             bar.update(len(chunk))
         bar.close()
     finally:
@@ -89,19 +101,44 @@ def evaluate_records(model, tokenizer, records: list[dict], kind: str, *, task: 
     }
 
 
-def run_evaluation(model, tokenizer, *, task: str, path: str | None, limit: int | None, batch_size: int,
-                   max_new_tokens: int, system_prompt: str | None = None, data_section=None,
-                   out_file: Path | None = None, extra: dict | None = None, should_stop=None) -> dict:
+def run_evaluation(
+    model,
+    tokenizer,
+    *,
+    task: str,
+    path: str | None,
+    limit: int | None,
+    batch_size: int,
+    max_new_tokens: int,
+    system_prompt: str | None = None,
+    data_section=None,
+    out_file: Path | None = None,
+    extra: dict | None = None,
+    should_stop=None,
+) -> dict:
     """Load the test set of ``task``, evaluate, and write ``out_file`` atomically when given."""
     kind, name = resolve_eval_task(task)
     records = load_test_records(task, path, limit, data_section)
     if data_section is not None:  # evaluate with the prompt format the adapter was trained on
         records = apply_prompt_template(records, data_section.prompt_template)
     log.info("evaluating on %d %s examples", len(records), name)
-    result = evaluate_records(model, tokenizer, records, kind, task=name, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, system_prompt=system_prompt, should_stop=should_stop)
+    result = evaluate_records(
+        model,
+        tokenizer,
+        records,
+        kind,
+        task=name,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        system_prompt=system_prompt,
+        should_stop=should_stop,
+    )
     if extra:
-        result = {**{k: v for k, v in result.items() if k != "predictions"}, **extra, "predictions": result["predictions"]}
+        result = {
+            **{k: v for k, v in result.items() if k != "predictions"},
+            **extra,
+            "predictions": result["predictions"],
+        }
     if out_file is not None:
         atomic_write_json(out_file, result)
     log.info("accuracy on %s: %.4f (%d/%d)", name, result["accuracy"], result["correct"], result["n"])
@@ -114,4 +151,6 @@ def format_table(rows: list[dict]) -> str:
     lines = [[str(r.get(h, "")) if h != "accuracy" else f"{r['accuracy']:.4f}" for h in header] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in lines])
+    return "\n".join(
+        [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in lines]
+    )

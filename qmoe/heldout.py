@@ -28,7 +28,7 @@ def answer_nll(model, tokenizer, records: list[dict], max_length: int = 512, bat
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
-                batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
+                batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
                 clear_aux(model)
                 labels = batch["labels"][:, 1:]

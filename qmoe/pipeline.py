@@ -23,13 +23,15 @@ from .cli import UsageError
 from .config import AdapterConfig
 from .io import atomic_write_json, atomic_write_text, replace_dir
 from .recipe import Recipe, dump_recipe
-from .rundir import (ADAPTER, CHECKPOINTS, EVAL, LOG, RECIPE, MetricsLog, RunLock, StatusFile, prepare_run_dir)
+from .rundir import ADAPTER, CHECKPOINTS, EVAL, LOG, RECIPE, MetricsLog, RunLock, StatusFile, prepare_run_dir
 
 log = logging.getLogger("qmoe")
 
 STAGE_DONE_FILE = "stage_done.json"
-OOM_ADVICE = ("lower train.batch_size (raise train.gradient_accumulation to keep the effective batch), lower "
-              "data.max_length, or set model.gradient_checkpointing=true")
+OOM_ADVICE = (
+    "lower train.batch_size (raise train.gradient_accumulation to keep the effective batch), lower "
+    "data.max_length, or set model.gradient_checkpointing=true"
+)
 
 
 def setup_logging(log_file: Path | None) -> list[logging.Handler]:
@@ -168,16 +170,21 @@ def _install_signal_handlers(stop):
 def last_good_checkpoint(run_dir: Path) -> Path | None:
     from .trainer import complete_checkpoints
 
-    roots = [run_dir / CHECKPOINTS] + sorted(p for p in (run_dir / CHECKPOINTS).glob("*-*") if p.is_dir()
-                                             and not p.name.startswith((".", "checkpoint-")))
+    roots = [run_dir / CHECKPOINTS] + sorted(
+        p for p in (run_dir / CHECKPOINTS).glob("*-*") if p.is_dir() and not p.name.startswith((".", "checkpoint-"))
+    )
     found = [c for root in roots for c in complete_checkpoints(root)]
     return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
 
 
 def remove_stale_staging(run_dir: Path) -> None:
     """Staging folders of a process killed while saving: never complete, safe to delete under the run lock."""
-    for path in [*run_dir.glob(".staging-*"), *run_dir.glob(".old-*"), *(run_dir / CHECKPOINTS).rglob(".staging-*"),
-                 *(run_dir / CHECKPOINTS).rglob(".old-*")]:
+    for path in [
+        *run_dir.glob(".staging-*"),
+        *run_dir.glob(".old-*"),
+        *(run_dir / CHECKPOINTS).rglob(".staging-*"),
+        *(run_dir / CHECKPOINTS).rglob(".old-*"),
+    ]:
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -189,13 +196,13 @@ def _describe_failure(exc: BaseException, run_dir: Path) -> str | None:
         return f"out of GPU memory: {OOM_ADVICE}{kept}"
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         where = f" ({exc.filename})" if exc.filename else ""
-        return (f"disk full while writing{where}: free space, then continue with "
-                f"qmoe finetune {run_dir} --resume{kept}")
+        return f"disk full while writing{where}: free space, then continue with qmoe finetune {run_dir} --resume{kept}"
     return None
 
 
-def run_finetune(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
-                 run_eval: bool = True) -> int:
+def run_finetune(
+    recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: bool = False, run_eval: bool = True
+) -> int:
     """Train the recipe into ``run_dir``; 0 on success, 128+signal when stopped by SIGINT/SIGTERM."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +238,9 @@ def run_finetune(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwri
             if isinstance(exc, KeyboardInterrupt):
                 status.update(state="stopped", error="interrupted")
             else:
-                status.update(state="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                status.update(
+                    state="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                )
                 log.exception("training failed")
             raise
         finally:
@@ -242,7 +251,9 @@ def run_finetune(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwri
                 h.close()
 
 
-def _train_and_evaluate(recipe: Recipe, run_dir: Path, status: StatusFile, stop, *, resume: bool, run_eval: bool) -> int:
+def _train_and_evaluate(
+    recipe: Recipe, run_dir: Path, status: StatusFile, stop, *, resume: bool, run_eval: bool
+) -> int:
     from transformers import set_seed
 
     from . import adapter_parameters, attach, set_stage
@@ -252,8 +263,9 @@ def _train_and_evaluate(recipe: Recipe, run_dir: Path, status: StatusFile, stop,
 
     log.info("run directory: %s", run_dir)
     set_seed(recipe.train.seed)  # before attach: adapter init is part of the reproducible run
-    model, tokenizer, device = load_base_model(recipe.model.source, recipe.model.quantization,
-                                               recipe.model.compute_dtype, recipe.model.device)
+    model, tokenizer, device = load_base_model(
+        recipe.model.source, recipe.model.quantization, recipe.model.compute_dtype, recipe.model.device
+    )
     config = AdapterConfig(**recipe.adapter.to_dict())  # a private copy: set_stage mutates its config
     plan = recipe.stage_plan()
     if plan[0] is not None:
@@ -264,8 +276,15 @@ def _train_and_evaluate(recipe: Recipe, run_dir: Path, status: StatusFile, stop,
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # Trainer refuses "purely quantized" models; this flag is how it learns trainable adapters are attached
     model._hf_peft_config_loaded = True
-    log.info("model %s (%s, %s) on %s; %s adapter with %d parameters", recipe.model.source,
-             recipe.model.quantization, next(model.parameters()).dtype, device, config.method, adapter_parameters(model))
+    log.info(
+        "model %s (%s, %s) on %s; %s adapter with %d parameters",
+        recipe.model.source,
+        recipe.model.quantization,
+        next(model.parameters()).dtype,
+        device,
+        config.method,
+        adapter_parameters(model),
+    )
 
     records = apply_prompt_template(load_train_records(recipe.data), recipe.data.prompt_template)
     train_set = tokenize_records(tokenizer, records, recipe.data.max_length, recipe.data.system_prompt)
@@ -273,8 +292,11 @@ def _train_and_evaluate(recipe: Recipe, run_dir: Path, status: StatusFile, stop,
 
     roots = stage_roots(run_dir / CHECKPOINTS, plan)
     estimates = [planned_steps(recipe, s, len(train_set)) for s in plan]
-    status.update(trainable_parameters=adapter_parameters(model), max_steps=sum(estimates),
-                  stage=plan[0].stage if plan[0] is not None else None)
+    status.update(
+        trainable_parameters=adapter_parameters(model),
+        max_steps=sum(estimates),
+        stage=plan[0].stage if plan[0] is not None else None,
+    )
     metrics = MetricsLog(run_dir)
 
     start, offset, resume_checkpoint, finished = 0, 0, None, None
@@ -304,7 +326,7 @@ def _train_and_evaluate(recipe: Recipe, run_dir: Path, status: StatusFile, stop,
             load_adapter(model, finished)
             load_queues(model, finished)
         stage_name = stage.stage if stage is not None else config.stage if config.method == "loracoe" else None
-        callback = MetricsCallback(metrics, status, stop, device, total_steps_after=sum(estimates[index + 1:]))
+        callback = MetricsCallback(metrics, status, stop, device, total_steps_after=sum(estimates[index + 1 :]))
         trainer = QmoeTrainer(
             model=model,
             args=training_arguments(recipe, stage, roots[index], device, len(train_set)),
@@ -346,14 +368,25 @@ def _train_and_evaluate(recipe: Recipe, run_dir: Path, status: StatusFile, stop,
 
         task = recipe.eval.task or recipe.data.task
         try:
-            run_evaluation(model, tokenizer, task=task, path=recipe.eval.path, limit=recipe.eval.limit,
-                           batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
-                           system_prompt=recipe.data.system_prompt, data_section=recipe.data,
-                           out_file=run_dir / EVAL, extra={"model": recipe.model.source, "adapter": str(adapter_dir)},
-                           should_stop=lambda: stop.signal_name is not None)
+            run_evaluation(
+                model,
+                tokenizer,
+                task=task,
+                path=recipe.eval.path,
+                limit=recipe.eval.limit,
+                batch_size=recipe.eval.batch_size,
+                max_new_tokens=recipe.eval.max_new_tokens,
+                system_prompt=recipe.data.system_prompt,
+                data_section=recipe.data,
+                out_file=run_dir / EVAL,
+                extra={"model": recipe.model.source, "adapter": str(adapter_dir)},
+                should_stop=lambda: stop.signal_name is not None,
+            )
         except EvaluationStopped:
-            message = (f"stopped by {stop.signal_name} during evaluation; the adapter is saved in {adapter_dir}; "
-                       f"evaluate it with: qmoe eval {run_dir}")
+            message = (
+                f"stopped by {stop.signal_name} during evaluation; the adapter is saved in {adapter_dir}; "
+                f"evaluate it with: qmoe eval {run_dir}"
+            )
             status.update(state="stopped", error=message)
             log.warning("%s", message)
             return 128 + stop.signum

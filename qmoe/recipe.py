@@ -151,7 +151,9 @@ class EvalSection(_Section):
 
 class Recipe(_Section):
     model: ModelSection = Field(default_factory=ModelSection, description="the frozen backbone")
-    adapter: AdapterConfig = Field(description="the adapter to attach (fields left empty take the method's paper default)")
+    adapter: AdapterConfig = Field(
+        description="the adapter to attach (fields left empty take the method's paper default)"
+    )
     data: DataSection = Field(default_factory=DataSection, description="training data and prompt format")
     train: TrainSection = Field(default_factory=TrainSection, description="optimization")
     eval: EvalSection = Field(default_factory=EvalSection, description="evaluation after training")
@@ -169,6 +171,7 @@ class Recipe(_Section):
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
 
 def _unknown_key_error(where: str, key: str, valid: list[str]) -> RecipeError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
@@ -208,10 +211,14 @@ def _format_validation_error(exc: ValidationError) -> str:
 def validate_recipe(data: dict) -> Recipe:
     """A :class:`Recipe` from a plain dict; :class:`RecipeError` (one line) when anything is wrong."""
     if not isinstance(data, dict):
-        raise RecipeError(f"a recipe must be a mapping of sections (model, adapter, data, train, eval), got {type(data).__name__}")
+        raise RecipeError(
+            f"a recipe must be a mapping of sections (model, adapter, data, train, eval), got {type(data).__name__}"
+        )
     _check_keys(data, Recipe, "")
     if "adapter" not in data:
-        raise RecipeError("adapter: required section is missing (at least adapter.method: lora|loramoe|moelora|loracoe)")
+        raise RecipeError(
+            "adapter: required section is missing (at least adapter.method: lora|loramoe|moelora|loracoe)"
+        )
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

@@ -63,7 +63,9 @@ class RunLock:
             holder = self.handle.read().strip() or "another process"
             self.handle.close()
             if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise UsageError(f"run directory {self.path.parent} is in use by pid {holder}; use another output_dir") from None
+                raise UsageError(
+                    f"run directory {self.path.parent} is in use by pid {holder}; use another output_dir"
+                ) from None
             raise
         self.handle.seek(0)
         self.handle.truncate()

@@ -108,8 +108,13 @@ def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig, bool, dic
         targets = raw.get("target_modules") or ["q_proj", "v_proj"]
         if isinstance(targets, (set, tuple)):
             targets = list(targets)
-        cfg = AdapterConfig(method="lora", r=raw["r"], alpha=raw.get("lora_alpha", raw["r"]),
-                            dropout=raw.get("lora_dropout", 0.0), target_modules=targets)
+        cfg = AdapterConfig(
+            method="lora",
+            r=raw["r"],
+            alpha=raw.get("lora_alpha", raw["r"]),
+            dropout=raw.get("lora_dropout", 0.0),
+            target_modules=targets,
+        )
         # qmoe's own lora folders carry adapter.safetensors beside PEFT's file
         return cfg, not (directory / WEIGHTS_FILE).is_file(), raw
     raise AdapterError(f"{path} is neither a qmoe adapter nor a PEFT LoRA adapter")

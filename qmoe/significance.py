@@ -20,7 +20,7 @@ def sign_test_p(wins: int, losses: int) -> float:
     n = wins + losses
     if n == 0:
         return 1.0
-    tail = sum(comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
+    tail = sum(comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
@@ -44,8 +44,8 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
 
 @dataclass
 class PairedOutcome:
-    n: int = 0       # problems scored by both
-    wins: int = 0    # right here, wrong in the reference
+    n: int = 0  # problems scored by both
+    wins: int = 0  # right here, wrong in the reference
     losses: int = 0  # wrong here, right in the reference
 
     def __add__(self, other: "PairedOutcome") -> "PairedOutcome":

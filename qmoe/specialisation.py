@@ -80,8 +80,12 @@ def untrained_chat(run_dir: Path):
 
     recipe = load_recipe(run_dir)
     set_seed(recipe.train.seed)  # the order qmoe finetune uses: seed, load, attach
-    chat = load_chat_model(None, base_source=recipe.model.source, quantization=recipe.model.quantization,
-                           compute_dtype=recipe.model.compute_dtype)
+    chat = load_chat_model(
+        None,
+        base_source=recipe.model.source,
+        quantization=recipe.model.quantization,
+        compute_dtype=recipe.model.compute_dtype,
+    )
     attach(chat.model, AdapterConfig(**recipe.adapter.to_dict()))
     chat.model.eval()
     return chat
@@ -115,7 +119,11 @@ def specialisation_figures(runs, figures_dir: Path, n_examples: int = 40) -> tup
     fig, axes = plt.subplots(len(stats), 3, figsize=(13, 3.6 * len(stats)), squeeze=False)
     for row, (label, (num, allt)) in enumerate(stats.items()):
         for col, (data, title, cmap) in enumerate(
-            [(num, "numeric tokens", "viridis"), (allt, "all tokens", "viridis"), (num - allt, "numeric − all", "coolwarm")]
+            [
+                (num, "numeric tokens", "viridis"),
+                (allt, "all tokens", "viridis"),
+                (num - allt, "numeric − all", "coolwarm"),
+            ]
         ):
             ax = axes[row][col]
             lim = float(data.abs().max()) if col == 2 else None

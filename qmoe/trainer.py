@@ -50,6 +50,7 @@ class CheckpointError(UsageError):
 
 # ------------------------------------------------------------------------------------------- checkpoints
 
+
 def save_queues(model, directory: Path) -> None:
     """MoELoRA contrastive queues (recent expert outputs and their expert ids) of every layer."""
     tensors = {}
@@ -130,6 +131,7 @@ def adapter_is_finite(model) -> bool:
 
 # ------------------------------------------------------------------------------------------- trainer
 
+
 class IntervalStats:
     """Sums over the micro-batches since the last metrics line."""
 
@@ -157,7 +159,10 @@ class IntervalStats:
     def summary(self) -> dict:
         n = max(self.count, 1)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        load = {name: (total / total.sum()).tolist() if total.sum() > 0 else total.tolist() for name, total in self.load.items()}
+        load = {
+            name: (total / total.sum()).tolist() if total.sum() > 0 else total.tolist()
+            for name, total in self.load.items()
+        }
         return {
             "loss": self.loss / n,
             "lm_loss": self.lm / n,
@@ -275,6 +280,7 @@ class QmoeTrainer(Trainer):
 
 # ------------------------------------------------------------------------------------------- callback
 
+
 class StopRequest:
     """Set by the SIGINT/SIGTERM handler; the callback then saves a checkpoint and stops training."""
 
@@ -314,8 +320,11 @@ class MetricsCallback(TrainerCallback):
             control.should_save = True  # always end a stage with a checkpoint (resume and next stage use it)
             control.should_log = True
         if self.stop.signal_name is not None:
-            log.warning("%s received: saving a checkpoint at step %d, then stopping",
-                        self.stop.signal_name, self.trainer.step_offset + state.global_step)
+            log.warning(
+                "%s received: saving a checkpoint at step %d, then stopping",
+                self.stop.signal_name,
+                self.trainer.step_offset + state.global_step,
+            )
             control.should_save = True
             control.should_training_stop = True
             control.should_log = True
@@ -337,5 +346,11 @@ class MetricsCallback(TrainerCallback):
         self.metrics.append(record)
         t.interval.reset()
         self.status.update(step=step, stage=t.qmoe_stage)
-        log.info("step %d  loss %.4f  lm %.4f  lr %.2e  %.0f tok/s", step, record["loss"], record["lm_loss"],
-                 record["lr"], record["tokens_per_s"])
+        log.info(
+            "step %d  loss %.4f  lm %.4f  lr %.2e  %.0f tok/s",
+            step,
+            record["loss"],
+            record["lm_loss"],
+            record["lr"],
+            record["tokens_per_s"],
+        )

@@ -22,8 +22,12 @@ def arithmetic_items(n: int, start: int = 0) -> list[dict]:
     items = []
     for i in range(start, start + n):
         a, b = 3 + i % 17, 5 + (i * 7) % 23
-        items.append({"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
-                      "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"})
+        items.append(
+            {
+                "question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+                "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}",
+            }
+        )
     return items
 
 
@@ -38,15 +42,26 @@ def build_tiny_chat_model(directory: Path, hidden: int = 64, layers: int = 2) ->
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     texts = [f"{x['question']} {x['answer']} user assistant system" for x in arithmetic_items(200)]
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     directory.mkdir(parents=True, exist_ok=True)
-    save_tiny_llama(directory, vocab_size=len(fast), hidden=hidden, layers=layers,
-                    eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=None)
+    save_tiny_llama(
+        directory,
+        vocab_size=len(fast),
+        hidden=hidden,
+        layers=layers,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=None,
+    )
     fast.save_pretrained(directory)
     return directory
 
@@ -66,12 +81,24 @@ def tiny_recipe(model_dir: Path, data_dir: Path, output_dir: Path, method: str =
     if method == "loramoe":
         adapter.update(r=4)
     recipe = {
-        "model": {"source": str(model_dir), "quantization": "nf4", "compute_dtype": "float32",
-                  "gradient_checkpointing": True, "device": "cpu"},
+        "model": {
+            "source": str(model_dir),
+            "quantization": "nf4",
+            "compute_dtype": "float32",
+            "gradient_checkpointing": True,
+            "device": "cpu",
+        },
         "adapter": adapter,
         "data": {"task": "gsm8k", "path": str(data_dir / "train.jsonl"), "max_length": 64},
-        "train": {"max_steps": 6, "lr": 5e-3, "batch_size": 4, "logging_steps": 1, "checkpoint_steps": 3,
-                  "warmup_ratio": 0.0, "seed": 7},
+        "train": {
+            "max_steps": 6,
+            "lr": 5e-3,
+            "batch_size": 4,
+            "logging_steps": 1,
+            "checkpoint_steps": 3,
+            "warmup_ratio": 0.0,
+            "seed": 7,
+        },
         "eval": {"path": str(data_dir / "test.jsonl"), "limit": 4, "batch_size": 4, "max_new_tokens": 8},
         "output_dir": str(output_dir),
     }
@@ -95,11 +122,13 @@ QMOE = [sys.executable, "-c", "import sys; from qmoe.cli import main; sys.exit(m
 def qmoe_cli(*args, timeout: float = 300, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
     """Run the ``qmoe`` command in a fresh interpreter (the CLI contract: exit status, one-line errors)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})}
-    return subprocess.run([*QMOE, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, **popen)
+    return subprocess.run(
+        [*QMOE, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=full_env, **popen
+    )
 
 
 def qmoe_popen(*args, env: dict | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})}
-    return subprocess.Popen([*QMOE, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=full_env)
+    return subprocess.Popen(
+        [*QMOE, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env
+    )

@@ -66,7 +66,9 @@ def test_batched_layer_equals_per_expert_loop(tiny_4bit, method):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     params = [getattr(layer, n) for n in layer.adapter_param_names]
     grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), params)
-    ref_grads = torch.autograd.grad((ref * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum(), params, allow_unused=True)
+    ref_grads = torch.autograd.grad(
+        (ref * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum(), params, allow_unused=True
+    )
     for name, g, rg in zip(layer.adapter_param_names, grads, ref_grads):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-6, msg=f"{method} grad of {name}")
 
@@ -82,8 +84,12 @@ def test_moelora_single_expert_top1_equals_lora(tiny_4bit):
             layer.lora_B.copy_(src.lora_B)
     ids, mask = batch()
     with torch.no_grad():
-        torch.testing.assert_close(moe(input_ids=ids, attention_mask=mask).logits,
-                                   lora(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            moe(input_ids=ids, attention_mask=mask).logits,
+            lora(input_ids=ids, attention_mask=mask).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("scale", ["rank", "paper"])
@@ -97,7 +103,7 @@ def test_loracoe_matches_paper_double_sum(tiny_4bit, scale):
     expected = torch.zeros(7, layer.out_features)
     for t in range(7):
         for i in range(e_count):
-            g = torch.softmax(layer.router[i * r:(i + 1) * r] @ x[t], dim=0)
+            g = torch.softmax(layer.router[i * r : (i + 1) * r] @ x[t], dim=0)
             for j in range(r):
                 expected[t] += g[j] * layer.lora_B[:, j] * (layer.lora_A[j] @ x[t])
     expected = expected / e_count * layer.scale * (r if scale == "rank" else 1)
@@ -163,10 +169,8 @@ def test_contrastive_loss_lower_for_separable_experts():
     centers = torch.eye(4, 16) * 5
     separable = centers[labels] + 0.1 * torch.randn(32, 16)
     identical = torch.ones(32, 16) + 0.1 * torch.randn(32, 16)
-    sep = expert_contrastive_loss(separable, labels, separable.detach(), labels, 0.07,
-                                  self_columns=torch.arange(32))
-    same = expert_contrastive_loss(identical, labels, identical.detach(), labels, 0.07,
-                                   self_columns=torch.arange(32))
+    sep = expert_contrastive_loss(separable, labels, separable.detach(), labels, 0.07, self_columns=torch.arange(32))
+    same = expert_contrastive_loss(identical, labels, identical.detach(), labels, 0.07, self_columns=torch.arange(32))
     assert sep.item() < 0.05
     assert same.item() > 1.0
 
@@ -277,8 +281,9 @@ def test_twenty_adamw_steps_lower_the_lm_loss(tiny_4bit, method):
     assert losses[-1] < losses[0] - 0.3, losses
 
 
-@pytest.mark.parametrize("quant,dtype", [("nf4", torch.float32), ("fp4", torch.float32), ("nf4", torch.bfloat16),
-                                         ("none", torch.float32)])
+@pytest.mark.parametrize(
+    "quant,dtype", [("nf4", torch.float32), ("fp4", torch.float32), ("nf4", torch.bfloat16), ("none", torch.float32)]
+)
 @pytest.mark.parametrize("method", ["moelora", "loracoe"])
 def test_backbones_and_adapter_dtype(tiny_4bit, quant, dtype, method):
     model = qmoe.attach(tiny_4bit(quantization=quant, compute_dtype=dtype), config(method))
@@ -399,8 +404,10 @@ def test_lora_adapter_loads_in_peft_with_identical_logits(tiny_4bit, tmp_path):
 def _peft_lora_folder(tiny_4bit, tmp_path, r=16, alpha=16):
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(tiny_4bit(), LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
-                                                        target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft_model = get_peft_model(
+        tiny_4bit(),
+        LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:

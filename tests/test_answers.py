@@ -31,16 +31,19 @@ def test_gsm8k_answers_written_as_sentences_still_score(shared_dir):
         assert not score("numeric", f"The answer is {value + 1:.2f}.", gold)[1]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("#### 1,234", 1234.0),
-    ("The answer is $1,234.50.", 1234.5),
-    ("so she pays $18.", 18.0),
-    ("The answer is: -7", -7.0),
-    ("It takes 2.5 hours, i.e. 150 minutes. The answer is 2.5", 2.5),
-    ("The final answer is \\boxed{42}", 42.0),
-    ("No numbers here", None),
-    ("First 3 then 4 and finally 12", 12.0),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("#### 1,234", 1234.0),
+        ("The answer is $1,234.50.", 1234.5),
+        ("so she pays $18.", 18.0),
+        ("The answer is: -7", -7.0),
+        ("It takes 2.5 hours, i.e. 150 minutes. The answer is 2.5", 2.5),
+        ("The final answer is \\boxed{42}", 42.0),
+        ("No numbers here", None),
+        ("First 3 then 4 and finally 12", 12.0),
+    ],
+)
 def test_number_extraction_formats(text, expected):
     assert extract_number(text) == expected
 
@@ -62,5 +65,7 @@ def test_multiple_choice_on_llm_adapters_outputs(shared_dir):
 
 def test_llm_adapters_numeric_sets_score_their_gold(shared_dir):
     for task in ("SVAMP", "AddSub", "MultiArith", "SingleEq", "mawps"):
-        for item in json.loads((shared_dir / "data" / "llm-adapters" / "dataset" / task / "test.json").read_text())[:30]:
+        for item in json.loads((shared_dir / "data" / "llm-adapters" / "dataset" / task / "test.json").read_text())[
+            :30
+        ]:
             assert score("numeric", f"The answer is {item['answer']}", str(item["answer"]))[1]

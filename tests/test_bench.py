@@ -11,12 +11,32 @@ from qmoe.bench.report import markdown
 from qmoe.cli import main
 
 TINY_SHAPE = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, vocab_size=256, tie_word_embeddings=True,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=256,
+    tie_word_embeddings=True,
 )
 RECORD_KEYS = {
-    "level", "method", "baseline", "backend", "device", "dtype", "shapes", "repeats", "time_s", "baseline_time_s",
-    "ratio_time", "ratio_cpu_time", "peak_mem", "baseline_peak_mem", "ratio_peak_mem", "trainable_params",
+    "level",
+    "method",
+    "baseline",
+    "backend",
+    "device",
+    "dtype",
+    "shapes",
+    "repeats",
+    "time_s",
+    "baseline_time_s",
+    "ratio_time",
+    "ratio_cpu_time",
+    "peak_mem",
+    "baseline_peak_mem",
+    "ratio_peak_mem",
+    "trainable_params",
     "baseline_trainable_params",
 }
 
@@ -29,9 +49,16 @@ def tiny_backbone(monkeypatch):
 
 def tiny_plan(backbone, memory, step_methods=("loracoe",)):
     return BenchPlan(
-        "cpu", [LayerCase(backbone, "up_proj", 64, 128, 16)], ["moelora", "loracoe", "loramoe", "lora"],
-        [StepCase(backbone, 1, 8)], list(step_methods), layer_repeats=1, step_repeats=1, warmup=0,
-        memory=memory, name="test",
+        "cpu",
+        [LayerCase(backbone, "up_proj", 64, 128, 16)],
+        ["moelora", "loracoe", "loramoe", "lora"],
+        [StepCase(backbone, 1, 8)],
+        list(step_methods),
+        layer_repeats=1,
+        step_repeats=1,
+        warmup=0,
+        memory=memory,
+        name="test",
     )
 
 

@@ -20,9 +20,19 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
     write_jsonl(data / "test.jsonl", arithmetic_items(6, start=100))
     # a second test set in the LLM-Adapters format (instruction/answer), as the papers' math suites are
     (data / "adds").mkdir()
-    (data / "adds" / "test.json").write_text(json.dumps(
-        [{"instruction": x["question"], "input": "", "output": x["answer"], "answer": x["answer"].split("#### ")[1]}
-         for x in arithmetic_items(4, start=300)]))
+    (data / "adds" / "test.json").write_text(
+        json.dumps(
+            [
+                {
+                    "instruction": x["question"],
+                    "input": "",
+                    "output": x["answer"],
+                    "answer": x["answer"].split("#### ")[1],
+                }
+                for x in arithmetic_items(4, start=300)
+            ]
+        )
+    )
     recipes = []
     for method in ("lora", "moelora"):
         recipe = tiny_recipe(model_dir, data, tmp_path / "unused", method=method)
@@ -33,18 +43,42 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\nHand-written analysis stays.\n")
     # one run given as a positional recipe, one through --run with its own override
-    cmd = [sys.executable, "-m", "qmoe.cli", "compare", recipes[0],
-           "--run", "moelora", recipes[1], "adapter.balance_loss_weight=0.05", "--pair", "lora", "moelora",
-           "--eval-tasks", str(data / "adds" / "test.json"),
-           "gsm8k", "--eval-limit", "3", "--max-new-tokens", "8", "--out-dir", str(tmp_path / "runs"),
-           "--results", str(results), "--figures", str(tmp_path / "figs")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qmoe.cli",
+        "compare",
+        recipes[0],
+        "--run",
+        "moelora",
+        recipes[1],
+        "adapter.balance_loss_weight=0.05",
+        "--pair",
+        "lora",
+        "moelora",
+        "--eval-tasks",
+        str(data / "adds" / "test.json"),
+        "gsm8k",
+        "--eval-limit",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--results",
+        str(results),
+        "--figures",
+        str(tmp_path / "figs"),
+    ]
     env = {**os.environ, "QMOE_DATA_DIR": str(data)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = results.read_text()
     assert "Hand-written analysis stays." in text
     assert "qmoe compare" in text and "| base model |" in text
-    rows = [line for line in text.splitlines() if line.startswith("| lora (lora)") or line.startswith("| moelora (moelora)")]
+    rows = [
+        line for line in text.splitlines() if line.startswith("| lora (lora)") or line.startswith("| moelora (moelora)")
+    ]
     assert len(rows) == 2
     records = json.loads((tmp_path / "runs" / "results.json").read_text())
     by_label = {r["label"]: r for r in records}
@@ -58,7 +92,10 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
     assert "every run against `lora`" in text
     paired = text.split("Paired comparisons")[1].split("Expert specialisation")[0].splitlines()
     assert [line.split(" | ")[:2] for line in paired if line.startswith("| ") and "---" not in line][1:] == [
-        ["| base model", "lora"], ["| moelora", "lora"], ["| lora", "moelora"]]  # the --pair row comes last
+        ["| base model", "lora"],
+        ["| moelora", "lora"],
+        ["| lora", "moelora"],
+    ]  # the --pair row comes last
     assert all(line.count("|") == 9 for line in paired if line.startswith("| "))
     # held-out answer loss for every row, in the table and paired against the first run
     for label in ("base model", "lora", "moelora"):
@@ -66,10 +103,17 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
     assert "GSM8K answer NLL" in text and " ± " in text.split("Paired comparisons")[1]
     spec = json.loads((tmp_path / "runs" / "specialisation.json").read_text())
     assert list(spec) == ["moelora (untrained router)", "moelora"] and spec["moelora"]["numeric_tokens"] > 0
-    assert 0.0 <= spec["moelora"]["numeric_vs_all_tv"] <= 1.0 and "| moelora | " in text.split("| run | numeric tokens |")[1]
+    assert (
+        0.0 <= spec["moelora"]["numeric_vs_all_tv"] <= 1.0
+        and "| moelora | " in text.split("| run | numeric tokens |")[1]
+    )
     figures = sorted(p.name for p in (tmp_path / "figs").iterdir())
-    assert figures == ["accuracy-per-task.png", "expert-load-per-layer.png", "numeric-token-routing.png",
-                       "training-loss.png"]
+    assert figures == [
+        "accuracy-per-task.png",
+        "expert-load-per-layer.png",
+        "numeric-token-routing.png",
+        "training-loss.png",
+    ]
     assert all(f"({tmp_path / 'figs' / name})" in text or name in text for name in figures)
     # a second run reuses everything: no training or evaluation subprocess output
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -93,7 +137,11 @@ def test_specialisation_summary_on_known_shares():
 
 
 def test_pair_with_an_unknown_label_is_a_clear_error():
-    proc = subprocess.run([sys.executable, "-m", "qmoe.cli", "compare", "recipes/quickstart.yaml",
-                           "--pair", "quickstart", "nope"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmoe.cli", "compare", "recipes/quickstart.yaml", "--pair", "quickstart", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "no run labelled 'nope'; runs: quickstart" in proc.stderr + proc.stdout

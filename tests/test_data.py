@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline_support import CHAT_TEMPLATE, arithmetic_items, build_tiny_chat_model, write_jsonl
-from qmoe.data import (DataError, PadCollator, load_gsm8k, load_test_records, read_jsonl_strict, tokenize_records)
+from qmoe.data import DataError, PadCollator, load_gsm8k, load_test_records, read_jsonl_strict, tokenize_records
 
 
 @pytest.fixture(scope="module")
@@ -14,8 +14,10 @@ def tokenizer(tmp_path_factory):
 
 
 def test_loss_only_on_answer_tokens_and_never_on_padding(tokenizer):
-    records = [{"prompt": "Tom has 3 apples", "target": "#### 3", "gold": "3"},
-               {"prompt": "Tom has 3 apples and buys 5 more. How many?", "target": "3 + 5 = 8\n#### 8", "gold": "8"}]
+    records = [
+        {"prompt": "Tom has 3 apples", "target": "#### 3", "gold": "3"},
+        {"prompt": "Tom has 3 apples and buys 5 more. How many?", "target": "3 + 5 = 8\n#### 8", "gold": "8"},
+    ]
     features = tokenize_records(tokenizer, records, max_length=128)
     batch = PadCollator(tokenizer.pad_token_id)(features)
     for i, record in enumerate(records):
@@ -42,7 +44,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     path.write_text('{"question": "a", "answer": "#### 1"}\n\n{"question": oops}\n')
     with pytest.raises(DataError, match=r"train.jsonl line 3: malformed JSON"):
         read_jsonl_strict(path)
-    path.write_text('[1, 2]\n')
+    path.write_text("[1, 2]\n")
     with pytest.raises(DataError, match=r"line 1: expected a JSON object"):
         read_jsonl_strict(path)
 
@@ -55,7 +57,9 @@ def test_gsm8k_sources_in_order(tmp_path, monkeypatch):
     assert len(load_gsm8k("train", str(folder))) == 5
     assert len(load_gsm8k("test", str(folder / "test.jsonl"), limit=2)) == 2
     monkeypatch.setenv("QMOE_DATA_DIR", str(folder))
-    assert [r["gold"] for r in load_gsm8k("test")] == [x["answer"].rsplit("#### ", 1)[1] for x in arithmetic_items(3, 50)]
+    assert [r["gold"] for r in load_gsm8k("test")] == [
+        x["answer"].rsplit("#### ", 1)[1] for x in arithmetic_items(3, 50)
+    ]
     (folder / "test.jsonl").write_text("")
     with pytest.raises(DataError, match="is empty"):
         load_gsm8k("test")

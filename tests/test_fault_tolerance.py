@@ -198,7 +198,9 @@ def test_out_of_memory_gives_advice(make_recipe, monkeypatch):
 
     monkeypatch.setattr(QmoeTrainer, "compute_loss", out_of_memory)
     recipe = validate_recipe(make_recipe(train={"max_steps": 2}))
-    with pytest.raises(UsageError, match=r"out of GPU memory: lower train.batch_size.*data.max_length.*gradient_checkpointing"):
+    with pytest.raises(
+        UsageError, match=r"out of GPU memory: lower train.batch_size.*data.max_length.*gradient_checkpointing"
+    ):
         run_finetune(recipe, Path(recipe.output_dir))
     assert json.loads((Path(recipe.output_dir) / "status.json").read_text())["state"] == "failed"
 
@@ -285,8 +287,9 @@ def test_sigterm_during_the_final_evaluation_stops_with_the_adapter_saved(make_r
 
     monkeypatch.setattr(qmoe.evaluation, "generate", generate_then_signal)
     handler_before = signal.getsignal(signal.SIGTERM)
-    recipe = validate_recipe(make_recipe(train={"max_steps": 2},
-                                         eval={"enabled": True, "limit": 4, "batch_size": 2, "max_new_tokens": 4}))
+    recipe = validate_recipe(
+        make_recipe(train={"max_steps": 2}, eval={"enabled": True, "limit": 4, "batch_size": 2, "max_new_tokens": 4})
+    )
     run_dir = Path(recipe.output_dir)
     assert run_finetune(recipe, run_dir) == 128 + signal.SIGTERM
     status = json.loads((run_dir / "status.json").read_text())

@@ -10,8 +10,10 @@ from qmoe.heldout import answer_nll, paired_nll_difference
 
 
 def _records(n):
-    return [{"prompt": x["question"], "target": x["answer"], "gold": x["answer"].split("#### ")[1]}
-            for x in arithmetic_items(n, start=500)]
+    return [
+        {"prompt": x["question"], "target": x["answer"], "gold": x["answer"].split("#### ")[1]}
+        for x in arithmetic_items(n, start=500)
+    ]
 
 
 def test_answer_nll_equals_the_models_own_loss_on_answer_tokens(tmp_path):

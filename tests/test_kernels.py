@@ -35,11 +35,15 @@ gpu = pytest.mark.gpu
 CASES = [
     pytest.param("function", "cpu", id="function-cpu"),
     pytest.param(
-        "triton", "cpu", id="triton-interpret",
+        "triton",
+        "cpu",
+        id="triton-interpret",
         marks=pytest.mark.skipif(TRITON_CPU_PROBLEM is not None, reason=str(TRITON_CPU_PROBLEM)),
     ),
     pytest.param(
-        "triton", "cuda", id="triton-cuda",
+        "triton",
+        "cuda",
+        id="triton-cuda",
         marks=[gpu, pytest.mark.skipif(not CUDA or not kernels.triton_available(), reason="needs CUDA and triton")],
     ),
 ]
@@ -206,4 +210,3 @@ def test_forcing_triton_on_cpu_without_interpreter_says_how(monkeypatch):
 def test_auto_picks_triton_on_cuda(monkeypatch):
     monkeypatch.delenv("QMOE_KERNELS", raising=False)
     assert kernels.backend_for(torch.zeros(1, device="cuda")) == "triton"
-

@@ -14,10 +14,31 @@ from qmoe.io import read_jsonl
 from qmoe.pipeline import run_finetune
 from qmoe.recipe import validate_recipe
 
-METRIC_FIELDS = {"step", "epoch", "loss", "lm_loss", "balance_loss", "contrastive_loss", "lr", "tokens_per_s",
-                 "peak_mem_mb", "stage", "expert_load"}
-STATUS_FIELDS = {"state", "pid", "started", "updated", "step", "max_steps", "stage", "error",
-                 "trainable_parameters", "method"}
+METRIC_FIELDS = {
+    "step",
+    "epoch",
+    "loss",
+    "lm_loss",
+    "balance_loss",
+    "contrastive_loss",
+    "lr",
+    "tokens_per_s",
+    "peak_mem_mb",
+    "stage",
+    "expert_load",
+}
+STATUS_FIELDS = {
+    "state",
+    "pid",
+    "started",
+    "updated",
+    "step",
+    "max_steps",
+    "stage",
+    "error",
+    "trainable_parameters",
+    "method",
+}
 
 
 @pytest.fixture
@@ -36,7 +57,16 @@ def check_metrics(run_dir: Path, num_experts, expected_steps: list[int]) -> list
     per_record = num_experts if isinstance(num_experts, list) else [num_experts] * len(records)
     for r, num_experts in zip(records, per_record):
         assert set(r) == METRIC_FIELDS
-        for key in ("loss", "lm_loss", "balance_loss", "contrastive_loss", "lr", "tokens_per_s", "peak_mem_mb", "epoch"):
+        for key in (
+            "loss",
+            "lm_loss",
+            "balance_loss",
+            "contrastive_loss",
+            "lr",
+            "tokens_per_s",
+            "peak_mem_mb",
+            "epoch",
+        ):
             assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r[key])
         assert r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
         if num_experts is None:
@@ -64,8 +94,9 @@ def test_finetune_cli_writes_the_documented_run_directory(make_recipe, tmp_path)
     assert records[-1]["epoch"] > records[0]["epoch"]
     assert any(r["balance_loss"] > 0 for r in records)
     assert any(r["contrastive_loss"] > 0 for r in records)
-    assert all(abs(r["loss"] - r["lm_loss"] - 0.01 * r["balance_loss"] - 0.1 * r["contrastive_loss"]) < 1e-4
-               for r in records)
+    assert all(
+        abs(r["loss"] - r["lm_loss"] - 0.01 * r["balance_loss"] - 0.1 * r["contrastive_loss"]) < 1e-4 for r in records
+    )
 
     status = json.loads((run_dir / "status.json").read_text())
     assert set(status) == STATUS_FIELDS
@@ -122,8 +153,9 @@ def test_overwrite_replaces_a_previous_run(make_recipe):
 
 def test_loracoe_stages_run_in_one_command(make_recipe):
     stages = [{"stage": "warmup", "max_steps": 3, "lr": 2e-4}, {"stage": "joint", "max_steps": 2, "lr": 5e-5}]
-    recipe = validate_recipe(make_recipe("loracoe", adapter={"num_experts": 2}, train={"stages": stages},
-                                         eval={"enabled": False}))
+    recipe = validate_recipe(
+        make_recipe("loracoe", adapter={"num_experts": 2}, train={"stages": stages}, eval={"enabled": False})
+    )
     run_dir = Path(recipe.output_dir)
     assert run_finetune(recipe, run_dir) == 0
     # warm-up is a plain LoRA (no routing); joint training routes over the r ranks
@@ -159,9 +191,13 @@ def test_eval_command_on_run_and_base(make_recipe, tmp_path, capsys):
     assert "(base)" in capsys.readouterr().out
     assert json.loads((run_dir / "eval-base.json").read_text())["adapter"] is None
 
-    jsonl = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Say 7", "answer": "7"}, {"question": "Say 8", "answer": "8"}])
-    assert main(["eval", str(run_dir / "adapter"), "--task", "jsonl", "--data", str(jsonl),
-                 "--base", recipe.model.source]) == 0
+    jsonl = write_jsonl(
+        tmp_path / "qa.jsonl", [{"question": "Say 7", "answer": "7"}, {"question": "Say 8", "answer": "8"}]
+    )
+    assert (
+        main(["eval", str(run_dir / "adapter"), "--task", "jsonl", "--data", str(jsonl), "--base", recipe.model.source])
+        == 0
+    )
     other = json.loads((run_dir / "adapter" / "eval-jsonl.json").read_text())
     assert other["n"] == 2 and other["kind"] == "exact"
     assert main(["eval", str(run_dir), "--limit", "0"]) == 2
@@ -205,11 +241,17 @@ def test_chat_streams_and_reports_routing_per_generated_token(make_recipe):
     assert "routing at" in printed.stdout
 
 
-@pytest.mark.parametrize("content, expected", [
-    ('{"question": "a", "answer": "#### 1"}\n{"question": "b", "answer": \n', r"train.jsonl line 2: malformed JSON"),
-    ("", r"is empty"),
-    ('{"question": "a"}\n', r"record 1: missing field 'answer'"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (
+            '{"question": "a", "answer": "#### 1"}\n{"question": "b", "answer": \n',
+            r"train.jsonl line 2: malformed JSON",
+        ),
+        ("", r"is empty"),
+        ('{"question": "a"}\n', r"record 1: missing field 'answer'"),
+    ],
+)
 def test_bad_training_data_exits_2_naming_the_file(make_recipe, tmp_path, content, expected):
     data = tmp_path / "bad"
     data.mkdir()

@@ -7,7 +7,7 @@ import yaml
 
 from pipeline_support import qmoe_cli
 from qmoe.cli import UsageError
-from qmoe.recipe import (Recipe, RecipeError, apply_overrides, dump_recipe, load_recipe, validate_recipe)
+from qmoe.recipe import Recipe, RecipeError, apply_overrides, dump_recipe, load_recipe, validate_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
@@ -30,8 +30,14 @@ def test_shipped_recipes_validate_and_round_trip(path):
 
 def test_shipped_recipe_set_is_complete():
     names = {p.name for p in SHIPPED}
-    assert {"gsm8k.yaml", "gsm8k-loracoe.yaml", "gsm8k-lora.yaml", "gsm8k-loramoe.yaml", "commonsense.yaml",
-            "quickstart.yaml"} <= names
+    assert {
+        "gsm8k.yaml",
+        "gsm8k-loracoe.yaml",
+        "gsm8k-lora.yaml",
+        "gsm8k-loramoe.yaml",
+        "commonsense.yaml",
+        "quickstart.yaml",
+    } <= names
 
 
 def test_loracoe_recipe_runs_its_two_stages():
@@ -51,16 +57,27 @@ def test_every_field_is_described_and_numeric_fields_have_ranges():
             assert "description" in field, f"{name}.{field_name} has no description"
             kinds = {field.get("type")} | {a.get("type") for a in field.get("anyOf", [])}
             if kinds & {"integer", "number"} and field_name != "seed":
-                bounds = [k for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
-                          if k in field or any(k in a for a in field.get("anyOf", []))]
+                bounds = [
+                    k
+                    for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+                    if k in field or any(k in a for a in field.get("anyOf", []))
+                ]
                 assert bounds, f"{name}.{field_name} has no range"
 
 
 def test_overrides_are_parsed_as_yaml_scalars():
     base = yaml.safe_load((REPO / "recipes" / "gsm8k.yaml").read_text())
-    result = apply_overrides(base, ["adapter.top_k=1", "train.max_steps=50", "train.lr=1e-4",
-                                    "model.gradient_checkpointing=false", "adapter.target_modules=[q_proj, v_proj]",
-                                    "data.prompt_template=Question: {prompt}"])
+    result = apply_overrides(
+        base,
+        [
+            "adapter.top_k=1",
+            "train.max_steps=50",
+            "train.lr=1e-4",
+            "model.gradient_checkpointing=false",
+            "adapter.target_modules=[q_proj, v_proj]",
+            "data.prompt_template=Question: {prompt}",
+        ],
+    )
     recipe = validate_recipe(result)
     assert recipe.adapter.top_k == 1 and recipe.train.max_steps == 50 and recipe.train.lr == 1e-4
     assert recipe.model.gradient_checkpointing is False
@@ -88,18 +105,29 @@ def test_unknown_key_in_yaml_is_named_with_a_suggestion(tmp_path):
         load_recipe(path)
 
 
-@pytest.mark.parametrize("data, expected", [
-    ({"adapter": {"method": "lora"}, "train": {"lr": "fast"}}, r"train\.lr: .*valid number.*'fast'"),
-    ({"adapter": {"method": "lora"}, "train": {"batch_size": 0}}, r"train\.batch_size: .*greater than or equal to 1"),
-    ({"adapter": {"method": "moelora", "top_k": 9}}, r"adapter: AdapterConfig\.top_k=9 is invalid"),
-    ({"adapter": {"method": "dora"}}, r"adapter\.method"),
-    ({"model": {"quantization": "int3"}, "adapter": {"method": "lora"}}, r"model\.quantization"),
-    ({"model": {"source": "builtin:gpt5"}, "adapter": {"method": "lora"}}, r"unknown builtin model"),
-    ({"train": {}}, r"adapter: required section is missing"),
-    ({"adapter": {"method": "lora"}, "train": {"stages": [{"stage": "warmup", "lr": 1e-4}]}}, r"loracoe adapters only"),
-    ({"adapter": {"method": "loracoe"}, "train": {"stages": [{"stage": "warmup", "lr": 1e-4, "epoch": 1}]}},
-     r"did you mean 'train.stages\[0\].epochs'"),
-])
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"adapter": {"method": "lora"}, "train": {"lr": "fast"}}, r"train\.lr: .*valid number.*'fast'"),
+        (
+            {"adapter": {"method": "lora"}, "train": {"batch_size": 0}},
+            r"train\.batch_size: .*greater than or equal to 1",
+        ),
+        ({"adapter": {"method": "moelora", "top_k": 9}}, r"adapter: AdapterConfig\.top_k=9 is invalid"),
+        ({"adapter": {"method": "dora"}}, r"adapter\.method"),
+        ({"model": {"quantization": "int3"}, "adapter": {"method": "lora"}}, r"model\.quantization"),
+        ({"model": {"source": "builtin:gpt5"}, "adapter": {"method": "lora"}}, r"unknown builtin model"),
+        ({"train": {}}, r"adapter: required section is missing"),
+        (
+            {"adapter": {"method": "lora"}, "train": {"stages": [{"stage": "warmup", "lr": 1e-4}]}},
+            r"loracoe adapters only",
+        ),
+        (
+            {"adapter": {"method": "loracoe"}, "train": {"stages": [{"stage": "warmup", "lr": 1e-4, "epoch": 1}]}},
+            r"did you mean 'train.stages\[0\].epochs'",
+        ),
+    ],
+)
 def test_bad_recipes_fail_with_one_line(data, expected):
     with pytest.raises(RecipeError, match=expected) as info:
         validate_recipe(data)
@@ -149,8 +177,15 @@ def _adapter_parameter_count(recipe_name: str) -> int:
 
     import qmoe
 
-    config = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+    config = Qwen2Config(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     qmoe.attach(model, load_recipe(REPO / "recipes" / recipe_name).adapter)
@@ -167,8 +202,9 @@ def test_finetune_options_may_follow_the_overrides():
     from qmoe.cli import build_parser
     from qmoe.commands.finetune import _with_trailing_options
 
-    args = build_parser().parse_args(["finetune", "r.yaml", "adapter.top_k=1", "--no-eval", "train.max_steps=5",
-                                      "--output-dir", "runs/x"])
+    args = build_parser().parse_args(
+        ["finetune", "r.yaml", "adapter.top_k=1", "--no-eval", "train.max_steps=5", "--output-dir", "runs/x"]
+    )
     args = _with_trailing_options(args)
     assert args.path == "r.yaml" and args.overrides == ["adapter.top_k=1", "train.max_steps=5"]
     assert args.no_eval and args.output_dir == "runs/x" and not args.resume
@@ -180,8 +216,12 @@ def test_shipped_recipes_list_and_comment_every_field(path):
 
     raw = yaml.safe_load(path.read_text())
     lines = path.read_text().splitlines()
-    for section, model in (("model", ModelSection), ("data", DataSection), ("train", TrainSection),
-                           ("eval", EvalSection)):
+    for section, model in (
+        ("model", ModelSection),
+        ("data", DataSection),
+        ("train", TrainSection),
+        ("eval", EvalSection),
+    ):
         assert set(raw[section]) == set(model.model_fields), f"{path.name}: {section} does not list every field"
     for i, line in enumerate(lines):
         stripped = line.strip()

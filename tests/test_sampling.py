@@ -29,9 +29,9 @@ def test_a_window_continues_the_stream_across_epochs():
     for epoch in range(2):
         later.set_epoch(epoch)
         windows += list(later)
-    assert windows == stream[13:13 + 20]
+    assert windows == stream[13 : 13 + 20]
     # the stream visits every example once per pass, wherever a window starts
-    assert all(sorted(stream[i:i + 10]) == list(range(10)) for i in range(0, 40, 10))
+    assert all(sorted(stream[i : i + 10]) == list(range(10)) for i in range(0, 40, 10))
 
 
 class _Scalar(torch.nn.Module):
@@ -44,17 +44,28 @@ class _Scalar(torch.nn.Module):
 
 
 def _batches(tmp_path, step_offset: int, steps: int) -> list[list[int]]:
-    args = TrainingArguments(output_dir=str(tmp_path / f"stage{step_offset}"), per_device_train_batch_size=4,
-                             max_steps=steps, seed=42, data_seed=42, report_to=[], use_cpu=True)
-    trainer = QmoeTrainer(model=_Scalar(), args=args, train_dataset=[{"x": i} for i in range(16)],
-                          data_collator=lambda rows: {"x": torch.tensor([r["x"] for r in rows])},
-                          step_offset=step_offset)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"stage{step_offset}"),
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        seed=42,
+        data_seed=42,
+        report_to=[],
+        use_cpu=True,
+    )
+    trainer = QmoeTrainer(
+        model=_Scalar(),
+        args=args,
+        train_dataset=[{"x": i} for i in range(16)],
+        data_collator=lambda rows: {"x": torch.tensor([r["x"] for r in rows])},
+        step_offset=step_offset,
+    )
     loader = trainer.get_train_dataloader()
     return [batch["x"].tolist() for batch, _ in zip(loader, range(steps))]
 
 
 def test_second_stage_trainer_sees_the_examples_the_first_did_not(tmp_path):
-    first = _batches(tmp_path, step_offset=0, steps=2)   # 8 of 16 examples
+    first = _batches(tmp_path, step_offset=0, steps=2)  # 8 of 16 examples
     second = _batches(tmp_path, step_offset=2, steps=2)  # the other 8, not the same 8 again
     seen_first = {i for batch in first for i in batch}
     seen_second = {i for batch in second for i in batch}

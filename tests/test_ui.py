@@ -56,12 +56,15 @@ def test_form_shows_the_recipe_and_its_resolved_yaml(ui):
     assert recipe.train.max_steps == 7 and recipe.adapter.method == "moelora"
 
 
-@pytest.mark.parametrize("changes, cli_override", [
-    ({"train.lr": -0.001}, "train.lr=-0.001"),
-    ({"adapter.top_k": 9}, "adapter.top_k=9"),
-    ({"data.max_length": 4}, "data.max_length=4"),
-    ({"train.batch_size": 0}, "train.batch_size=0"),
-])
+@pytest.mark.parametrize(
+    "changes, cli_override",
+    [
+        ({"train.lr": -0.001}, "train.lr=-0.001"),
+        ({"adapter.top_k": 9}, "adapter.top_k=9"),
+        ({"data.max_length": 4}, "data.max_length=4"),
+        ({"train.batch_size": 0}, "train.batch_size=0"),
+    ],
+)
 def test_invalid_values_are_refused_with_the_cli_reason(ui, changes, cli_override):
     client, _ = ui
     message, _ = client.predict(*form_args(**changes), api_name="/preview")
@@ -184,8 +187,12 @@ def test_stop_terminates_the_whole_process_group(fake_runs):
     grandchild = int((run_dir / "child.pid").read_text())
     assert "stop requested" in fake_runs.stop(name)
     assert _wait(lambda: fake_runs.status(name)["state"] == "failed")  # died without writing "stopped"
-    assert _wait(lambda: not Path(f"/proc/{grandchild}").exists() or
-                 Path(f"/proc/{grandchild}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
+    assert _wait(
+        lambda: (
+            not Path(f"/proc/{grandchild}").exists()
+            or Path(f"/proc/{grandchild}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        )
+    )
     assert "not running" in fake_runs.stop(name)
 
 
@@ -256,7 +263,9 @@ def test_chat_routing_view_is_the_routing_of_each_token_during_generation(tmp_pa
     folder = build_tiny_chat_model(tmp_path / "tiny-chat")
     model = load_model(folder)
     torch.manual_seed(0)
-    qmoe.attach(model, qmoe.AdapterConfig(method="moelora", r=2, num_experts=4, top_k=2, target_modules=["q_proj", "down_proj"]))
+    qmoe.attach(
+        model, qmoe.AdapterConfig(method="moelora", r=2, num_experts=4, top_k=2, target_modules=["q_proj", "down_proj"])
+    )
     model.eval()
     model.config.use_cache = True
     tokenizer = load_tokenizer(str(folder))
@@ -271,10 +280,11 @@ def test_chat_routing_view_is_the_routing_of_each_token_during_generation(tmp_pa
     n_tokens = len(prompt) + len(done["tokens"])
     assert len(routing.tokens) == n_tokens and len(routing.layers) == 4  # 2 layers x (q_proj, down_proj)
     with torch.no_grad():  # greedy decoding is deterministic: the same ids stream_reply produced
-        full_ids = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
-                                  pad_token_id=tokenizer.pad_token_id)
+        full_ids = model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     assert full_ids.shape[1] == n_tokens
-    assert [tokenizer.decode([int(i)]) for i in full_ids[0, len(prompt):]] == done["tokens"]
+    assert [tokenizer.decode([int(i)]) for i in full_ids[0, len(prompt) :]] == done["tokens"]
     with torch.no_grad(), qmoe.trace_routing(model):
         model(input_ids=full_ids, use_cache=False)
         reference = {name: info["trace"][0] for name, info in qmoe.routing(model).items()}
@@ -315,7 +325,9 @@ def test_stop_from_the_ui_makes_the_real_pipeline_checkpoint_and_report_stopped(
     monkeypatch.setenv("TQDM_DISABLE", "1")
     runs = RunManager(tmp_path / "runs")
     run_dir = runs.new_run_dir("tiny")
-    recipe = tiny_recipe(model_dir, data, run_dir, train={"max_steps": 5000, "logging_steps": 1, "checkpoint_steps": 4000})
+    recipe = tiny_recipe(
+        model_dir, data, run_dir, train={"max_steps": 5000, "logging_steps": 1, "checkpoint_steps": 4000}
+    )
     name = runs.launch_in(run_dir, yaml.safe_dump(recipe, sort_keys=False))
     assert _wait(lambda: (runs.status(name).get("step") or 0) >= 2, timeout=120), runs.log_tail(name)
     assert "process group" in runs.stop(name)

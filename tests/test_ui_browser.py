@@ -18,7 +18,9 @@ import pytest
 
 from pipeline_support import arithmetic_items, build_tiny_chat_model, write_jsonl
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (scripts/install_browser.sh)")
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="pip install playwright (scripts/install_browser.sh)"
+)
 
 from app.main import build_app  # noqa: E402
 from app.testing import serving  # noqa: E402
@@ -26,8 +28,16 @@ from app.testing import serving  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("QMOE_CHROMIUM", "/usr/bin/chromium")
 SHOTS = REPO / "test-output" / "ui"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-                 "--no-first-run", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TRAIN_TIMEOUT_MS = 240_000
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -59,7 +69,10 @@ def page(served):
     SHOTS.mkdir(parents=True, exist_ok=True)
     with playwright_api.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
         browser = p.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
+            profile,
+            executable_path=CHROMIUM,
+            args=CHROMIUM_ARGS,
+            headless=True,
             viewport={"width": 1400, "height": 1000},
         )
         page = browser.new_page()
@@ -95,8 +108,9 @@ def choose(page, elem_id: str, value: str) -> None:
 
 def wait_until_idle(page) -> None:
     """Until no event is in flight (Gradio dims outputs while their event runs)."""
-    page.wait_for_function("!document.querySelector('.pending, .generating, [data-testid=status-tracker].wrap:not(.hide)')",
-                           timeout=30_000)
+    page.wait_for_function(
+        "!document.querySelector('.pending, .generating, [data-testid=status-tracker].wrap:not(.hide)')", timeout=30_000
+    )
     page.wait_for_timeout(500)
 
 
@@ -126,8 +140,14 @@ def launched_name(page, previous: str | None) -> str:
 def test_train_tab_launches_the_quickstart_recipe_on_a_tiny_model(page, served):
     _, ctx = served
     choose(page, "field-model-source", "tiny-chat")
-    for field, value in (("train-max_steps", 6), ("train-logging_steps", 2), ("data-max_length", 64), ("data-limit", 32), ("eval-limit", 4),
-                         ("train-batch_size", 4)):
+    for field, value in (
+        ("train-max_steps", 6),
+        ("train-logging_steps", 2),
+        ("data-max_length", 64),
+        ("data-limit", 32),
+        ("eval-limit", 4),
+        ("train-batch_size", 4),
+    ):
         set_number(page, field, value)
     # an invalid value is refused in the form with the schema's reason, and nothing starts
     set_number(page, "train-batch_size", 0)
@@ -193,8 +213,9 @@ def test_chat_tab_streams_a_reply_with_routing_colours(page, served):
     coloured.nth(3).click()  # selecting a prompt token redraws its layers × experts heatmap
     playwright_api.expect(index_box).not_to_have_value(str(first_generated), timeout=20_000)
     assert 0 < int(index_box.input_value()) < first_generated
-    playwright_api.expect(page.locator("#chat-token-heatmap img")).not_to_have_attribute("src", heatmap_before,
-                                                                                        timeout=20_000)
+    playwright_api.expect(page.locator("#chat-token-heatmap img")).not_to_have_attribute(
+        "src", heatmap_before, timeout=20_000
+    )
     wait_until_idle(page)
     screenshot(page, "chat")
 

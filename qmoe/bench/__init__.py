@@ -70,9 +70,16 @@ def plan_for(device: str, quick: bool = False) -> BenchPlan:
     if device == "cuda":
         if quick:
             return BenchPlan(
-                device, _layers(BUILTIN, SMOLLM2, ["q_proj", "up_proj"], 4096) + _layers("llama-1b", LLAMA_1B, ["up_proj"], 4096),
-                ALL_METHODS, [StepCase(BUILTIN, 8, 512), StepCase("llama-1b", 4, 512)], ["moelora", "loracoe"],
-                layer_repeats=10, step_repeats=5, warmup=2, name="quick",
+                device,
+                _layers(BUILTIN, SMOLLM2, ["q_proj", "up_proj"], 4096)
+                + _layers("llama-1b", LLAMA_1B, ["up_proj"], 4096),
+                ALL_METHODS,
+                [StepCase(BUILTIN, 8, 512), StepCase("llama-1b", 4, 512)],
+                ["moelora", "loracoe"],
+                layer_repeats=10,
+                step_repeats=5,
+                warmup=2,
+                name="quick",
             )
         return BenchPlan(
             device,
@@ -82,7 +89,10 @@ def plan_for(device: str, quick: bool = False) -> BenchPlan:
             ALL_METHODS,
             [StepCase(BUILTIN, 8, 1024), StepCase("llama-1b", 4, 1024), StepCase("llama-7b", 2, 1024)],
             ALL_METHODS + ["moelora-nocl"],
-            layer_repeats=20, step_repeats=7, warmup=3, name="full",
+            layer_repeats=20,
+            step_repeats=7,
+            warmup=3,
+            name="full",
         )
     if quick:
         return BenchPlan(
@@ -91,7 +101,10 @@ def plan_for(device: str, quick: bool = False) -> BenchPlan:
             ALL_METHODS,
             [StepCase(BUILTIN, 2, 128, layers=4)],
             ["moelora", "loracoe", "moelora-nocl"],
-            layer_repeats=5, step_repeats=3, warmup=1, name="quick",
+            layer_repeats=5,
+            step_repeats=3,
+            warmup=1,
+            name="quick",
             notes=["SmolLM2-135M steps keep its first 4 of 30 decoder layers (real layer shapes) to fit in 5 minutes"],
         )
     # CPU full plan: sized for about 30 minutes on a shared 2-core machine, hence truncated depths
@@ -102,7 +115,10 @@ def plan_for(device: str, quick: bool = False) -> BenchPlan:
         ALL_METHODS,
         [StepCase(BUILTIN, 2, 256, layers=8), StepCase("llama-1b", 1, 128, layers=1)],
         ALL_METHODS + ["moelora-nocl"],
-        layer_repeats=7, step_repeats=4, warmup=1, name="full",
+        layer_repeats=7,
+        step_repeats=4,
+        warmup=1,
+        name="full",
         notes=[
             "SmolLM2-135M steps keep 8 of its 30 decoder layers, llama-1b steps 1 of 16 (real layer shapes): "
             "a full-depth step takes minutes on this CPU",
@@ -159,15 +175,30 @@ def run_bench(plan: BenchPlan, progress=None) -> dict:
         if case.backbone in GPU_ONLY and plan.device != "cuda":
             continue
         records += bench_layer(
-            f"{case.backbone}.{case.layer}", case.in_features, case.out_features, case.tokens,
-            plan.layer_methods, plan.device, plan.layer_repeats, plan.warmup, say,
+            f"{case.backbone}.{case.layer}",
+            case.in_features,
+            case.out_features,
+            case.tokens,
+            plan.layer_methods,
+            plan.device,
+            plan.layer_repeats,
+            plan.warmup,
+            say,
         )
     for case in plan.step_cases:
         if case.backbone in GPU_ONLY and plan.device != "cuda":
             continue
         records += bench_steps(
-            case.backbone, plan.step_methods, plan.device, case.batch, case.seq,
-            plan.step_repeats, plan.warmup, layers=case.layers, memory=plan.memory, progress=say,
+            case.backbone,
+            plan.step_methods,
+            plan.device,
+            case.batch,
+            case.seq,
+            plan.step_repeats,
+            plan.warmup,
+            layers=case.layers,
+            memory=plan.memory,
+            progress=say,
         )
     meta["load_average_end"] = _load()
     meta["seconds"] = round(time.perf_counter() - start, 1)

@@ -43,7 +43,9 @@ def peft_layer(base, r: int, dropout: float):
 def attach_peft(model, r: int, dropout: float):
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, config)
 
 

@@ -23,7 +23,12 @@ from .adapters import PEFT, matching_rank, method_config, peft_layer, trainable
 from .backbones import random_linear4bit
 from .timing import interleaved_medians
 
-REFERENCES = {"moelora": moelora_reference, "loracoe": loracoe_reference, "loramoe": loramoe_reference, "lora": lora_reference}
+REFERENCES = {
+    "moelora": moelora_reference,
+    "loracoe": loracoe_reference,
+    "loramoe": loramoe_reference,
+    "lora": lora_reference,
+}
 LOOP = "per-expert-loop"
 
 
@@ -104,19 +109,46 @@ def bench_layer(name, in_features, out_features, tokens, methods, device, repeat
             candidates[f"{method}[{backend}]"] = _fwd_bwd(with_backend(full, backend), x, grad_out, ours)
         medians = interleaved_medians(candidates, repeats, warmup, device)
         shapes = {"layer": name, "in_features": in_features, "out_features": out_features, "tokens": tokens}
-        common = dict(level="layer", device=device, dtype=str(dtype).replace("torch.", ""), shapes=shapes, repeats=repeats)
-        records.append(
-            _record(common, method, default_backend, PEFT, medians[method], medians[PEFT],
-                    trainable_params=trainable(layer), baseline_trainable_params=trainable(peft), baseline_rank=rank)
+        common = dict(
+            level="layer", device=device, dtype=str(dtype).replace("torch.", ""), shapes=shapes, repeats=repeats
         )
         records.append(
-            _record(dict(common, level="adapter"), method, default_backend, LOOP, medians["adapter"], medians[LOOP],
-                    trainable_params=trainable(layer), baseline_trainable_params=trainable(layer))
+            _record(
+                common,
+                method,
+                default_backend,
+                PEFT,
+                medians[method],
+                medians[PEFT],
+                trainable_params=trainable(layer),
+                baseline_trainable_params=trainable(peft),
+                baseline_rank=rank,
+            )
+        )
+        records.append(
+            _record(
+                dict(common, level="adapter"),
+                method,
+                default_backend,
+                LOOP,
+                medians["adapter"],
+                medians[LOOP],
+                trainable_params=trainable(layer),
+                baseline_trainable_params=trainable(layer),
+            )
         )
         for backend in alternatives:
             records.append(
-                _record(common, method, backend, f"{method}[{default_backend}]", medians[f"{method}[{backend}]"],
-                        medians[method], trainable_params=trainable(layer), baseline_trainable_params=trainable(layer))
+                _record(
+                    common,
+                    method,
+                    backend,
+                    f"{method}[{default_backend}]",
+                    medians[f"{method}[{backend}]"],
+                    medians[method],
+                    trainable_params=trainable(layer),
+                    baseline_trainable_params=trainable(layer),
+                )
             )
     return records
 

@@ -5,7 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HEADERS = ["level", "where", "method", "backend", "baseline", "time", "baseline time", "× time", "× CPU time", "peak mem", "× mem"]
+HEADERS = [
+    "level",
+    "where",
+    "method",
+    "backend",
+    "baseline",
+    "time",
+    "baseline time",
+    "× time",
+    "× CPU time",
+    "peak mem",
+    "× mem",
+]
 
 
 def _where(record: dict) -> str:
@@ -38,9 +50,17 @@ def _baseline(record: dict) -> str:
 def rows(records: list[dict]) -> list[list[str]]:
     return [
         [
-            r["level"], _where(r), r["method"], r.get("backend", ""), _baseline(r), _ms(r["time_s"]),
-            _ms(r["baseline_time_s"]), _ratio(r["ratio_time"]), _ratio(r.get("ratio_cpu_time")),
-            _mib(r.get("peak_mem")), _ratio(r.get("ratio_peak_mem")),
+            r["level"],
+            _where(r),
+            r["method"],
+            r.get("backend", ""),
+            _baseline(r),
+            _ms(r["time_s"]),
+            _ms(r["baseline_time_s"]),
+            _ratio(r["ratio_time"]),
+            _ratio(r.get("ratio_cpu_time")),
+            _mib(r.get("peak_mem")),
+            _ratio(r.get("ratio_peak_mem")),
         ]
         for r in records
     ]
@@ -69,7 +89,11 @@ def print_table(result: dict, console=None) -> None:
 def markdown(result: dict) -> str:
     """Markdown tables, one per level, for BENCHMARKS.md."""
     out = []
-    titles = {"layer": "Layer level (forward + backward)", "adapter": "Adapter vs per-expert loop (forward + backward)", "step": "Training step"}
+    titles = {
+        "layer": "Layer level (forward + backward)",
+        "adapter": "Adapter vs per-expert loop (forward + backward)",
+        "step": "Training step",
+    }
     for level, title in titles.items():
         records = [r for r in result["records"] if r["level"] == level]
         if not records:

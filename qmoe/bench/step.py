@@ -73,7 +73,9 @@ def step_specs(backbone, methods):
         probe = attach(share_frozen_clone(backbone), config)
         count = trainable(probe)
         del probe
-        specs.append(({"method": method}, {"method": PEFT, "rank": matching_rank(count, width), "dropout": config.dropout}))
+        specs.append(
+            ({"method": method}, {"method": PEFT, "rank": matching_rank(count, width), "dropout": config.dropout})
+        )
     return specs
 
 
@@ -108,8 +110,13 @@ def bench_steps(name, methods, device, batch, seq, repeats, warmup, layers=None,
                 peaks[key] = measure_peak_in_child(path, spec, device, batch, seq)
     cfg = backbone.config
     shapes = {
-        "backbone": name, "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
-        "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size, "batch": batch, "seq": seq,
+        "backbone": name,
+        "hidden": cfg.hidden_size,
+        "intermediate": cfg.intermediate_size,
+        "layers": cfg.num_hidden_layers,
+        "vocab": cfg.vocab_size,
+        "batch": batch,
+        "seq": seq,
     }
     records = []
     dtype = str(next(p for p in backbone.parameters() if p.is_floating_point()).dtype).replace("torch.", "")
@@ -119,16 +126,30 @@ def bench_steps(name, methods, device, batch, seq, repeats, warmup, layers=None,
     for ours, theirs in pairs:
         a, b = ours["method"], f"{PEFT}-r{theirs['rank']}"
         pa, pb = peaks.get(a), peaks.get(b)
-        records.append(dict(
-            level="step", device=device, dtype=dtype, shapes=shapes, repeats=repeats, method=a, backend=backend,
-            baseline=PEFT, baseline_rank=theirs["rank"],
-            time_s=medians[a]["median_s"], baseline_time_s=medians[b]["median_s"],
-            ratio_time=medians[a]["median_s"] / medians[b]["median_s"],
-            ratio_cpu_time=medians[a]["cpu_median_s"] / medians[b]["cpu_median_s"],
-            tokens_per_s=batch * seq / medians[a]["median_s"], baseline_tokens_per_s=batch * seq / medians[b]["median_s"],
-            peak_mem=pa, baseline_peak_mem=pb, ratio_peak_mem=(pa / pb) if pa and pb else None,
-            trainable_params=counts[a], baseline_trainable_params=counts[b],
-        ))
+        records.append(
+            dict(
+                level="step",
+                device=device,
+                dtype=dtype,
+                shapes=shapes,
+                repeats=repeats,
+                method=a,
+                backend=backend,
+                baseline=PEFT,
+                baseline_rank=theirs["rank"],
+                time_s=medians[a]["median_s"],
+                baseline_time_s=medians[b]["median_s"],
+                ratio_time=medians[a]["median_s"] / medians[b]["median_s"],
+                ratio_cpu_time=medians[a]["cpu_median_s"] / medians[b]["cpu_median_s"],
+                tokens_per_s=batch * seq / medians[a]["median_s"],
+                baseline_tokens_per_s=batch * seq / medians[b]["median_s"],
+                peak_mem=pa,
+                baseline_peak_mem=pb,
+                ratio_peak_mem=(pa / pb) if pa and pb else None,
+                trainable_params=counts[a],
+                baseline_trainable_params=counts[b],
+            )
+        )
     return records
 
 

@@ -10,15 +10,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the small plan (under 5 minutes on a 2-core CPU)")
     parser.add_argument("--json", metavar="FILE", help="also write every comparison as JSON to FILE")
     parser.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown to FILE")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
     parser.add_argument(
-        "--threads", type=int, metavar="N",
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
         help="torch CPU threads; default 1 on CPU: on a shared machine two threads wait on each other and small "
         "ops slow down 10-100x, drowning what is measured (pass 2+ on a dedicated machine)",
     )
-    parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-memory child processes")
     parser.add_argument(
-        "--methods", nargs="+", metavar="METHOD",
+        "--no-memory", action="store_true", help="skip the per-configuration peak-memory child processes"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="METHOD",
         help="restrict layer and step comparisons to these (moelora loracoe loramoe lora moelora-nocl)",
     )
 

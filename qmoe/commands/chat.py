@@ -8,12 +8,18 @@ from ..cli import UsageError
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("path", nargs="?", metavar="ADAPTER_OR_RUN_DIR",
-                        help="run directory or adapter folder (omit to chat with the base model)")
+    parser.add_argument(
+        "path",
+        nargs="?",
+        metavar="ADAPTER_OR_RUN_DIR",
+        help="run directory or adapter folder (omit to chat with the base model)",
+    )
     parser.add_argument("--base", help="base model source (default: from the run's recipe or the adapter folder)")
     parser.add_argument("--routing", action="store_true", help="after each reply, print every token's top experts")
-    parser.add_argument("--layer", help="routed layer to show (default: the middle one); a suffix such as "
-                        "layers.10.mlp.down_proj is enough")
+    parser.add_argument(
+        "--layer",
+        help="routed layer to show (default: the middle one); a suffix such as layers.10.mlp.down_proj is enough",
+    )
     parser.add_argument("--top", type=int, default=2, help="experts shown per token (default 2)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -37,8 +43,13 @@ def run(args) -> int:
     chat = load_chat_model(args.path, base_source=args.base)
     layer = pick_layer(chat.routed_layers, args.layer) if args.routing else None
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"chatting with {chat.source}" + (f" + {chat.adapter_dir}" if chat.adapter_dir else "") +
-          (f"; routing of {layer}" if layer else "") + ". Empty line or Ctrl-D quits.", file=sys.stderr)
+    print(
+        f"chatting with {chat.source}"
+        + (f" + {chat.adapter_dir}" if chat.adapter_dir else "")
+        + (f"; routing of {layer}" if layer else "")
+        + ". Empty line or Ctrl-D quits.",
+        file=sys.stderr,
+    )
     while True:
         try:
             prompt = input("you> ").strip()

@@ -9,17 +9,41 @@ from pathlib import Path
 
 def add_arguments(parser) -> None:
     parser.add_argument("recipes", nargs="*", metavar="RECIPE", help="recipe YAML files to train and compare")
-    parser.add_argument("--run", dest="runs", nargs="+", action="append", default=[], metavar="ARG",
-                        help="LABEL RECIPE [KEY=VALUE ...]: one more run with its own overrides (repeatable), "
-                             "e.g. --run moelora-no-cl recipes/gsm8k.yaml adapter.contrastive_loss_weight=0")
+    parser.add_argument(
+        "--run",
+        dest="runs",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="LABEL RECIPE [KEY=VALUE ...]: one more run with its own overrides (repeatable), "
+        "e.g. --run moelora-no-cl recipes/gsm8k.yaml adapter.contrastive_loss_weight=0",
+    )
     parser.add_argument("--labels", nargs="+", help="a name per recipe (default: the file names)")
-    parser.add_argument("--pair", dest="pairs", nargs=2, action="append", default=[], metavar=("RUN", "REFERENCE"),
-                        help="also compare RUN with REFERENCE problem by problem (repeatable; every run is always "
-                             "paired with the first), e.g. --pair moelora moelora-no-cl for an ablation")
-    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="overrides applied to every recipe, e.g. train.max_steps=100 data.limit=800")
-    parser.add_argument("--eval-tasks", nargs="+", default=["gsm8k"],
-                        help="test sets: gsm8k, SVAMP, MultiArith, AddSub, SingleEq, mawps, ... or test.json paths")
+    parser.add_argument(
+        "--pair",
+        dest="pairs",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("RUN", "REFERENCE"),
+        help="also compare RUN with REFERENCE problem by problem (repeatable; every run is always "
+        "paired with the first), e.g. --pair moelora moelora-no-cl for an ablation",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides applied to every recipe, e.g. train.max_steps=100 data.limit=800",
+    )
+    parser.add_argument(
+        "--eval-tasks",
+        nargs="+",
+        default=["gsm8k"],
+        help="test sets: gsm8k, SVAMP, MultiArith, AddSub, SingleEq, mawps, ... or test.json paths",
+    )
     parser.add_argument("--eval-limit", type=int, help="first N examples of each test set")
     parser.add_argument("--eval-batch-size", type=int, help="prompts generated together")
     parser.add_argument("--max-new-tokens", type=int, help="longest generated answer")
@@ -34,8 +58,9 @@ def run(args) -> int:
 
     if args.eval_limit is not None and args.eval_limit < 1:
         raise UsageError("--eval-limit must be >= 1")
-    runs = [(label, recipe, []) for label, recipe in zip(args.labels or [Path(r).stem for r in args.recipes],
-                                                           args.recipes)]
+    runs = [
+        (label, recipe, []) for label, recipe in zip(args.labels or [Path(r).stem for r in args.recipes], args.recipes)
+    ]
     if args.labels and len(args.labels) != len(args.recipes):
         raise UsageError(f"--labels gives {len(args.labels)} names for {len(args.recipes)} recipes")
     for spec in args.runs:
@@ -53,9 +78,18 @@ def run(args) -> int:
     if args.max_new_tokens:
         eval_args += ["--max-new-tokens", str(args.max_new_tokens)]
     command = "qmoe compare " + shlex.join(_argv_of(args))
-    return run_compare(runs, args.overrides, args.eval_tasks, args.eval_limit,
-                       Path(args.out_dir), Path(args.results), Path(args.figures) if args.figures else None,
-                       eval_args, command, pairs=[tuple(pair) for pair in args.pairs])
+    return run_compare(
+        runs,
+        args.overrides,
+        args.eval_tasks,
+        args.eval_limit,
+        Path(args.out_dir),
+        Path(args.results),
+        Path(args.figures) if args.figures else None,
+        eval_args,
+        command,
+        pairs=[tuple(pair) for pair in args.pairs],
+    )
 
 
 def _argv_of(args) -> list[str]:
@@ -69,8 +103,11 @@ def _argv_of(args) -> list[str]:
     if args.overrides:
         argv += ["--set", *args.overrides]
     argv += ["--eval-tasks", *args.eval_tasks]
-    for flag, value in (("--eval-limit", args.eval_limit), ("--eval-batch-size", args.eval_batch_size),
-                        ("--max-new-tokens", args.max_new_tokens)):
+    for flag, value in (
+        ("--eval-limit", args.eval_limit),
+        ("--eval-batch-size", args.eval_batch_size),
+        ("--max-new-tokens", args.max_new_tokens),
+    ):
         if value:
             argv += [flag, str(value)]
     argv += ["--out-dir", args.out_dir, "--results", args.results, "--figures", args.figures]

@@ -9,16 +9,22 @@ from ..cli import UsageError
 
 def add_arguments(parser) -> None:
     parser.add_argument("path", metavar="RUN_OR_ADAPTER_DIR", help="a run directory or an adapter folder")
-    parser.add_argument("--task", help="gsm8k | commonsense | jsonl | an LLM-Adapters task name (SVAMP, boolq, ...) "
-                        "| a test.json path (default: the run's eval task)")
+    parser.add_argument(
+        "--task",
+        help="gsm8k | commonsense | jsonl | an LLM-Adapters task name (SVAMP, boolq, ...) "
+        "| a test.json path (default: the run's eval task)",
+    )
     parser.add_argument("--data", help="test data file or folder (default: the task's test set)")
     parser.add_argument("--limit", type=int, help="evaluate the first N examples")
     parser.add_argument("--base-only", action="store_true", help="evaluate the base model without the adapter")
     parser.add_argument("--base", help="base model source (default: from the run's recipe or the adapter folder)")
     parser.add_argument("--batch-size", type=int, help="prompts generated together")
     parser.add_argument("--max-new-tokens", type=int, help="longest generated answer")
-    parser.add_argument("--output", help="where to write the results JSON (default: eval.json, or eval-base.json "
-                        "with --base-only, or eval-<task>.json for another task, in the run/adapter folder)")
+    parser.add_argument(
+        "--output",
+        help="where to write the results JSON (default: eval.json, or eval-base.json "
+        "with --base-only, or eval-<task>.json for another task, in the run/adapter folder)",
+    )
 
 
 def run(args) -> int:
@@ -44,8 +50,9 @@ def run(args) -> int:
 
     setup_logging(None)
     source, quantization, dtype, adapter_dir = resolve_adapter(folder, args.base)
-    chat = load_chat_model(None if args.base_only else folder, base_source=source, quantization=quantization,
-                           compute_dtype=dtype)
+    chat = load_chat_model(
+        None if args.base_only else folder, base_source=source, quantization=quantization, compute_dtype=dtype
+    )
     if args.output:
         out_file = Path(args.output)
     else:
@@ -54,10 +61,19 @@ def run(args) -> int:
         out_file = folder / (f"{stem}-base.json" if args.base_only else f"{stem}.json")
     system_prompt = recipe.data.system_prompt if recipe is not None else None
     label = f"{source} (base)" if args.base_only else f"{source} + {adapter_dir}"
-    result = run_evaluation(chat.model, chat.tokenizer, task=task, path=data_path, limit=limit, batch_size=batch_size,
-                            max_new_tokens=max_new_tokens, system_prompt=system_prompt,
-                            data_section=recipe.data if recipe is not None else None, out_file=out_file,
-                            extra={"model": source, "adapter": None if args.base_only else str(adapter_dir)})
+    result = run_evaluation(
+        chat.model,
+        chat.tokenizer,
+        task=task,
+        path=data_path,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        system_prompt=system_prompt,
+        data_section=recipe.data if recipe is not None else None,
+        out_file=out_file,
+        extra={"model": source, "adapter": None if args.base_only else str(adapter_dir)},
+    )
     print(format_table([{**result, "model": label}]))
     print(f"wrote {out_file}")
     return 0

@@ -12,10 +12,18 @@ def add_arguments(parser, overrides_nargs=argparse.REMAINDER) -> None:
     parser.add_argument("path", metavar="PATH", help="recipe YAML, or a run directory containing recipe.yaml")
     # REMAINDER keeps options given after the overrides; run() re-parses them (argparse cannot intermix
     # positionals and options under subcommands)
-    parser.add_argument("overrides", nargs=overrides_nargs, metavar="KEY=VALUE",
-                        help="recipe overrides, e.g. adapter.top_k=1 train.max_steps=50 (values parsed as YAML)")
-    parser.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, or PATH if it is a run directory)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in the output directory from its last checkpoint")
+    parser.add_argument(
+        "overrides",
+        nargs=overrides_nargs,
+        metavar="KEY=VALUE",
+        help="recipe overrides, e.g. adapter.top_k=1 train.max_steps=50 (values parsed as YAML)",
+    )
+    parser.add_argument(
+        "--output-dir", help="run directory (default: the recipe's output_dir, or PATH if it is a run directory)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in the output directory from its last checkpoint"
+    )
     parser.add_argument("--overwrite", action="store_true", help="delete the output directory's previous results first")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
 
@@ -28,8 +36,11 @@ def _with_trailing_options(args):
     add_arguments(parser, overrides_nargs="*")
     argv = [args.path, *args.overrides]
     argv += ["--output-dir", args.output_dir] if args.output_dir else []
-    argv += [flag for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite),
-                                   ("--no-eval", args.no_eval)) if on]
+    argv += [
+        flag
+        for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite), ("--no-eval", args.no_eval))
+        if on
+    ]
     return parser.parse_intermixed_args(argv)
 
 

@@ -8,15 +8,30 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
-    parser.add_argument("--port", type=int, default=None,
-                        help="port (default 7860, or the next free one; $GRADIO_SERVER_PORT also works)")
-    parser.add_argument("--runs-dir", type=Path, default=None,
-                        help="folder holding the run directories (default ./runs or $QMOE_RUNS_DIR)")
-    parser.add_argument("--models-dir", type=Path, default=None,
-                        help="folder whose model sub-folders the UI may offer as local models "
-                             "(default $QMOE_UI_MODELS_DIR, else $QMOE_CACHE/models or ~/.cache/qmoe/models)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="port (default 7860, or the next free one; $GRADIO_SERVER_PORT also works)",
+    )
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=None,
+        help="folder holding the run directories (default ./runs or $QMOE_RUNS_DIR)",
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="folder whose model sub-folders the UI may offer as local models "
+        "(default $QMOE_UI_MODELS_DIR, else $QMOE_CACHE/models or ~/.cache/qmoe/models)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -61,7 +61,9 @@ def backend_for(x: torch.Tensor) -> str:
         if not triton_available():
             raise RuntimeError("QMOE_KERNELS=triton but triton is not installed (pip install 'qmoe[kernels]')")
         if not x.is_cuda and not triton_interpreting():
-            raise RuntimeError("QMOE_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)")
+            raise RuntimeError(
+                "QMOE_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)"
+            )
     return name
 
 

@@ -25,8 +25,9 @@ def _block_tokens(width: int) -> int:
 
 
 @triton.jit
-def _moelora_route(z_ptr, rows, row_ok, stride_z, N: tl.constexpr, N_P2: tl.constexpr, K: tl.constexpr,
-                   BLOCK_T: tl.constexpr):
+def _moelora_route(
+    z_ptr, rows, row_ok, stride_z, N: tl.constexpr, N_P2: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr
+):
     """Router softmax and renormalised top-k gate of a block of tokens: (probs, gate, slots), each
     [BLOCK_T, N_P2]; column s < K of ``slots`` holds the s-th chosen expert (descending probability)."""
     e = tl.arange(0, N_P2)
@@ -54,8 +55,18 @@ def _moelora_route(z_ptr, rows, row_ok, stride_z, N: tl.constexpr, N_P2: tl.cons
 
 @triton.jit
 def _moelora_fwd_kernel(
-    z_ptr, gated_ptr, probs_ptr, gate_ptr, ids_ptr, T, stride_z,
-    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, N_P2: tl.constexpr, R_P2: tl.constexpr,
+    z_ptr,
+    gated_ptr,
+    probs_ptr,
+    gate_ptr,
+    ids_ptr,
+    T,
+    stride_z,
+    N: tl.constexpr,
+    R: tl.constexpr,
+    K: tl.constexpr,
+    N_P2: tl.constexpr,
+    R_P2: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -77,9 +88,19 @@ def _moelora_fwd_kernel(
 
 @triton.jit
 def _moelora_bwd_kernel(
-    z_ptr, grad_gated_ptr, grad_probs_ptr, grad_z_ptr, T, stride_z,
-    N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, N_P2: tl.constexpr, R_P2: tl.constexpr,
-    HAS_GRAD_PROBS: tl.constexpr, BLOCK_T: tl.constexpr,
+    z_ptr,
+    grad_gated_ptr,
+    grad_probs_ptr,
+    grad_z_ptr,
+    T,
+    stride_z,
+    N: tl.constexpr,
+    R: tl.constexpr,
+    K: tl.constexpr,
+    N_P2: tl.constexpr,
+    R_P2: tl.constexpr,
+    HAS_GRAD_PROBS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
@@ -127,8 +148,19 @@ def moelora_backward(z, grad_gated, grad_probs, n: int, r: int, k: int):
         n_p2, r_p2 = triton.next_power_of_2(n), triton.next_power_of_2(r)
         block = _block_tokens(n_p2 * r_p2)
         _moelora_bwd_kernel[(triton.cdiv(t, block),)](
-            z, grad_gated, grad_probs, grad_z, t, z.stride(0),
-            N=n, R=r, K=k, N_P2=n_p2, R_P2=r_p2, HAS_GRAD_PROBS=has_gp, BLOCK_T=block,
+            z,
+            grad_gated,
+            grad_probs,
+            grad_z,
+            t,
+            z.stride(0),
+            N=n,
+            R=r,
+            K=k,
+            N_P2=n_p2,
+            R_P2=r_p2,
+            HAS_GRAD_PROBS=has_gp,
+            BLOCK_T=block,
         )
     return grad_z
 
@@ -137,13 +169,16 @@ def moelora_backward(z, grad_gated, grad_probs, n: int, r: int, k: int):
 
 
 @triton.jit
-def _loracoe_probs(z_ptr, rows, row_ok, stride_z, E: tl.constexpr, R: tl.constexpr, E_P2: tl.constexpr,
-                   R_P2: tl.constexpr):
+def _loracoe_probs(
+    z_ptr, rows, row_ok, stride_z, E: tl.constexpr, R: tl.constexpr, E_P2: tl.constexpr, R_P2: tl.constexpr
+):
     """Per-expert softmax over the ranks, [BLOCK, E_P2, R_P2]; padded experts hold zeros."""
     i = tl.arange(0, E_P2)
     j = tl.arange(0, R_P2)
     ok = row_ok[:, None, None] & (i < E)[None, :, None] & (j < R)[None, None, :]
-    raw = tl.load(z_ptr + rows[:, None, None] * stride_z + R + i[None, :, None] * R + j[None, None, :], mask=ok, other=0.0)
+    raw = tl.load(
+        z_ptr + rows[:, None, None] * stride_z + R + i[None, :, None] * R + j[None, None, :], mask=ok, other=0.0
+    )
     logits = tl.where((j < R)[None, None, :], raw.to(tl.float32), float("-inf"))
     ex = tl.exp(logits - tl.max(logits, 2)[:, :, None])
     probs = ex / tl.sum(ex, 2)[:, :, None]
@@ -151,8 +186,9 @@ def _loracoe_probs(z_ptr, rows, row_ok, stride_z, E: tl.constexpr, R: tl.constex
 
 
 @triton.jit
-def _loracoe_rank_weights(z_ptr, T, stride_z, E: tl.constexpr, R: tl.constexpr, E_P2: tl.constexpr,
-                          R_P2: tl.constexpr, BLOCK_T: tl.constexpr):
+def _loracoe_rank_weights(
+    z_ptr, T, stride_z, E: tl.constexpr, R: tl.constexpr, E_P2: tl.constexpr, R_P2: tl.constexpr, BLOCK_T: tl.constexpr
+):
     """Shared by forward and backward: this block's rows and row mask, per-expert softmax over ranks (probs), their mean
     over experts (weights), the rank activations h, and the load/store mask."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -167,8 +203,17 @@ def _loracoe_rank_weights(z_ptr, T, stride_z, E: tl.constexpr, R: tl.constexpr, 
 
 @triton.jit
 def _loracoe_fwd_kernel(
-    z_ptr, gated_ptr, weights_ptr, T, stride_z, factor,
-    E: tl.constexpr, R: tl.constexpr, E_P2: tl.constexpr, R_P2: tl.constexpr, BLOCK_T: tl.constexpr,
+    z_ptr,
+    gated_ptr,
+    weights_ptr,
+    T,
+    stride_z,
+    factor,
+    E: tl.constexpr,
+    R: tl.constexpr,
+    E_P2: tl.constexpr,
+    R_P2: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     rows, row_ok, j, ok, probs, weights, h = _loracoe_rank_weights(z_ptr, T, stride_z, E, R, E_P2, R_P2, BLOCK_T)
     tl.store(weights_ptr + rows[:, None] * R + j[None, :], weights, mask=ok)
@@ -178,8 +223,17 @@ def _loracoe_fwd_kernel(
 
 @triton.jit
 def _loracoe_bwd_kernel(
-    z_ptr, grad_gated_ptr, grad_z_ptr, T, stride_z, factor,
-    E: tl.constexpr, R: tl.constexpr, E_P2: tl.constexpr, R_P2: tl.constexpr, BLOCK_T: tl.constexpr,
+    z_ptr,
+    grad_gated_ptr,
+    grad_z_ptr,
+    T,
+    stride_z,
+    factor,
+    E: tl.constexpr,
+    R: tl.constexpr,
+    E_P2: tl.constexpr,
+    R_P2: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     rows, row_ok, j, ok, probs, weights, h = _loracoe_rank_weights(z_ptr, T, stride_z, E, R, E_P2, R_P2, BLOCK_T)
     gg = tl.load(grad_gated_ptr + rows[:, None] * R + j[None, :], mask=ok, other=0.0).to(tl.float32) * factor
@@ -189,8 +243,11 @@ def _loracoe_bwd_kernel(
     grad_logits = probs * (grad_w - tl.sum(probs * grad_w, 2)[:, :, None]) / E
     i = tl.arange(0, E_P2)
     ok3 = row_ok[:, None, None] & (i < E)[None, :, None] & (j < R)[None, None, :]
-    tl.store(grad_z_ptr + rows[:, None, None] * stride_z + R + i[None, :, None] * R + j[None, None, :],
-             grad_logits.to(out_ty), mask=ok3)
+    tl.store(
+        grad_z_ptr + rows[:, None, None] * stride_z + R + i[None, :, None] * R + j[None, None, :],
+        grad_logits.to(out_ty),
+        mask=ok3,
+    )
 
 
 def loracoe_forward(z: torch.Tensor, e: int, r: int, factor: float):
@@ -213,7 +270,16 @@ def loracoe_backward(z, grad_gated, e: int, r: int, factor: float):
         e_p2, r_p2 = triton.next_power_of_2(e), triton.next_power_of_2(r)
         block = _block_tokens(e_p2 * r_p2)
         _loracoe_bwd_kernel[(triton.cdiv(t, block),)](
-            z, grad_gated.contiguous(), grad_z, t, z.stride(0), factor,
-            E=e, R=r, E_P2=e_p2, R_P2=r_p2, BLOCK_T=block,
+            z,
+            grad_gated.contiguous(),
+            grad_z,
+            t,
+            z.stride(0),
+            factor,
+            E=e,
+            R=r,
+            E_P2=e_p2,
+            R_P2=r_p2,
+            BLOCK_T=block,
         )
     return grad_z

@@ -47,4 +47,6 @@ def load_model(
         bnb_4bit_quant_type=quantization,
         bnb_4bit_compute_dtype=compute_dtype,
     )
-    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=bnb, dtype=compute_dtype, device_map=device)
+    return AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=bnb, dtype=compute_dtype, device_map=device
+    )

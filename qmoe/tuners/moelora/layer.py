@@ -136,4 +136,3 @@ class MoELoraLayer(AdapterLayer):
             self._record(counts, load, ids.shape[0])
             if self.context.trace and not torch.is_grad_enabled():
                 self.trace_records.append({"weights": gate.float().cpu()})
-

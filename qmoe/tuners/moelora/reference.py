@@ -13,11 +13,11 @@ def moelora_reference(layer, x: torch.Tensor) -> torch.Tensor:
     top_w = (top_w / top_w.sum(-1, keepdim=True)).to(x.dtype)
     out = torch.zeros(x.shape[0], layer.out_features, dtype=x.dtype, device=x.device)
     for e in range(n):
-        a_e = layer.lora_A[e * r:(e + 1) * r]
-        b_e = layer.lora_B[:, e * r:(e + 1) * r]
+        a_e = layer.lora_A[e * r : (e + 1) * r]
+        b_e = layer.lora_B[:, e * r : (e + 1) * r]
         for slot in range(k):
             rows = (top_ids[:, slot] == e).nonzero(as_tuple=True)[0]
             if rows.numel():
                 y = (x[rows] @ a_e.t()) @ b_e.t()
-                out = out.index_add(0, rows, top_w[rows, slot:slot + 1] * y)
+                out = out.index_add(0, rows, top_w[rows, slot : slot + 1] * y)
     return out * layer.scale
