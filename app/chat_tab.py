@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 import qmoe
-from qmoe.recipe import load_recipe
 
 from .context import UIContext
 from .paths import UnsafePathError
@@ -129,7 +128,7 @@ def highlighted_tokens(routing: Routing, layer: str | None) -> tuple[list[tuple[
         return [(t, None) for t in routing.tokens], {}
     weights = routing.weights[layer]
     pairs = []
-    for text, row in zip(routing.tokens, weights):
+    for text, row in zip(routing.tokens, weights, strict=False):
         pairs.append((text, None if np.isnan(row).all() else f"{word} {int(np.nanargmax(row))}"))
     colors = {f"{word} {e}": expert_color(e) for e in range(weights.shape[1])}
     return pairs, colors

@@ -34,9 +34,8 @@ def status_markdown(info: dict, records: list[dict], eval_result: dict | None) -
         if isinstance(last.get("tokens_per_s"), (int, float)):
             parts.append(f"{last['tokens_per_s']:.0f} tokens/s")
     if eval_result and isinstance(eval_result.get("accuracy"), (int, float)):
-        parts.append(
-            f"eval accuracy {eval_result['accuracy']:.1%} on {eval_result.get('n', '?')} ({eval_result.get('task', '')})"
-        )
+        n, task = eval_result.get("n", "?"), eval_result.get("task", "")
+        parts.append(f"eval accuracy {eval_result['accuracy']:.1%} on {n} ({task})")
     text = " · ".join(parts)
     if info.get("error") and state == "failed":
         text += f"\n\n**Error:** `{info['error']}`"

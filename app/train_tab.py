@@ -54,7 +54,7 @@ def runs_table(ctx: UIContext) -> list[list]:
 
 
 def _form_dict(values) -> dict:
-    return {field.key: value for field, value in zip(FIELDS, values)}
+    return {field.key: value for field, value in zip(FIELDS, values, strict=False)}
 
 
 def _ok(message: str) -> str:

@@ -56,14 +56,14 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(1)
     backends = ["function"] + (["triton"] if args.device == "cuda" and triton_available() else [])
-    print(f"| case | tokens | impl | fwd+bwd | saved for backward |\n|---|---|---|---|---|")
+    print("| case | tokens | impl | fwd+bwd | saved for backward |\n|---|---|---|---|---|")
     for name, (fused, reference, width, out_width) in CASES.items():
         for tokens in args.tokens:
             z = torch.randn(tokens, width, device=args.device, requires_grad=True)
             grad = torch.randn(tokens, out_width, device=args.device)
-            impls = {"autograd": reference, **{b: (lambda z, b=b: fused(z, b)) for b in backends}}
+            impls = {"autograd": reference, **{b: (lambda z, b=b, fused=fused: fused(z, b)) for b in backends}}
 
-            def run(impl):
+            def run(impl, z=z, grad=grad):
                 def go():
                     impl(z)[0].backward(grad)
                     z.grad = None
@@ -73,9 +73,8 @@ def main() -> None:
             medians = interleaved_medians({k: run(v) for k, v in impls.items()}, args.repeats, 3, args.device)
             for impl_name, impl in impls.items():
                 kib = saved_bytes(impl, z) / 1024
-                print(
-                    f"| {name} | {tokens} | {impl_name} | {medians[impl_name]['median_s'] * 1e6:.0f} µs | {kib:.0f} KiB |"
-                )
+                micros = medians[impl_name]["median_s"] * 1e6
+                print(f"| {name} | {tokens} | {impl_name} | {micros:.0f} µs | {kib:.0f} KiB |")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def trainable_parameters(model: nn.Module) -> int:
 
 def adapter_parameters(model: nn.Module) -> int:
     """Number of adapter parameters (trainable or not, e.g. LoRACoE's router during warm-up)."""
-    return sum(getattr(l, n).numel() for l in adapter_layers(model).values() for n in l.adapter_param_names)
+    return sum(getattr(layer, n).numel() for layer in adapter_layers(model).values() for n in layer.adapter_param_names)
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

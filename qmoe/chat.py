@@ -19,9 +19,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -153,4 +153,7 @@ def stream_reply(
 
 def top_experts(weights: torch.Tensor, top: int = 2) -> list[list[tuple[int, float]]]:
     values, ids = weights.topk(min(top, weights.shape[-1]), dim=-1)
-    return [[(int(i), float(v)) for i, v in zip(r_ids, r_vals)] for r_ids, r_vals in zip(ids, values)]
+    return [
+        [(int(i), float(v)) for i, v in zip(r_ids, r_vals, strict=True)]
+        for r_ids, r_vals in zip(ids, values, strict=True)
+    ]

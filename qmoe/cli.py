@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from qmoe.errors import UsageError  # absolute: the same class when this file runs as __main__
+
 # name -> (module, one-line help)
 COMMANDS = {
     "finetune": ("qmoe.commands.finetune", "fine-tune a 4-bit model with an adapter recipe"),
@@ -16,9 +18,6 @@ COMMANDS = {
     "compare": ("qmoe.commands.compare", "train and evaluate several recipes, write RESULTS.md"),
     "ui": ("qmoe.commands.ui", "start the Gradio web UI"),
 }
-
-
-from qmoe.errors import UsageError  # absolute: the same class when this file runs as __main__
 
 
 def build_parser() -> argparse.ArgumentParser:

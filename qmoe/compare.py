@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli import UsageError
-from .io import atomic_write_json, atomic_write_text, read_jsonl
 from .heldout import paired_nll_difference
+from .io import atomic_write_json, atomic_write_text, read_jsonl
 from .significance import PairedOutcome, paired_outcome, wilson_halfwidth
 
 
@@ -120,7 +120,7 @@ def evaluate(
             args.append("--base-only")
         code, _ = _run(qmoe_command(*args), log)
         if code != 0:
-            lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()]
+            lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
             print(f"  evaluation failed ({lines[-1] if lines else code}); see {log}", flush=True)
             return None, 0
     data = json.loads(out_file.read_text())

@@ -74,7 +74,7 @@ def loss_figure(rows, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, points in curves.items():
-        ax.plot(*zip(*points), marker=".", label=label)
+        ax.plot(*zip(*points, strict=False), marker=".", label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training LM loss")
     ax.set_title("Training loss (auxiliary losses excluded)")

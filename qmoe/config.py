@@ -46,7 +46,7 @@ class AdapterConfig(BaseModel):
     init_lora_weights: bool = Field(True, description="B starts at zero so the adapted model equals the base at step 0")
 
     @model_validator(mode="after")
-    def _fill_defaults_and_check(self) -> "AdapterConfig":
+    def _fill_defaults_and_check(self) -> AdapterConfig:
         defaults = METHOD_DEFAULTS[self.method]
         for name, value in defaults.items():
             if getattr(self, name) is None:

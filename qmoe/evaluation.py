@@ -73,7 +73,7 @@ def evaluate_records(
                 raise EvaluationStopped
             chunk = records[start : start + batch_size]
             outputs = generate(model, tokenizer, [r["prompt"] for r in chunk], max_new_tokens, system_prompt)
-            for offset, (record, text) in enumerate(zip(chunk, outputs)):
+            for offset, (record, text) in enumerate(zip(chunk, outputs, strict=False)):
                 prediction, correct = score(kind, text, record["gold"])
                 predictions.append(
                     {

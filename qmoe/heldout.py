@@ -36,7 +36,7 @@ def answer_nll(model, tokenizer, records: list[dict], max_length: int = 512, bat
                 mask = labels != -100
                 picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
                 sums = -(picked * mask).sum(1)
-                per_example += [[float(s), int(n)] for s, n in zip(sums, mask.sum(1))]
+                per_example += [[float(s), int(n)] for s, n in zip(sums, mask.sum(1), strict=False)]
     finally:
         model.train(was_training)
     tokens = sum(n for _, n in per_example)
@@ -46,9 +46,9 @@ def answer_nll(model, tokenizer, records: list[dict], max_length: int = 512, bat
 def paired_nll_difference(mine: dict, reference: dict) -> tuple[float, float] | None:
     """(Δ mean NLL, 95% half-width) of ``mine`` minus ``reference`` over the same problems, token-weighted."""
     a, b = mine.get("per_example", []), reference.get("per_example", [])
-    if not a or len(a) != len(b) or any(x[1] != y[1] for x, y in zip(a, b)):
+    if not a or len(a) != len(b) or any(x[1] != y[1] for x, y in zip(a, b, strict=False)):
         return None
-    diffs = [x[0] - y[0] for x, y in zip(a, b)]
+    diffs = [x[0] - y[0] for x, y in zip(a, b, strict=False)]
     tokens = sum(x[1] for x in a)
     n = len(diffs)
     mean = sum(diffs) / n

@@ -160,7 +160,7 @@ class Recipe(_Section):
     output_dir: str = Field("runs/run", description="run directory (created; never overwritten unless --overwrite)")
 
     @model_validator(mode="after")
-    def _stages_need_loracoe(self) -> "Recipe":
+    def _stages_need_loracoe(self) -> Recipe:
         if self.train.stages and self.adapter.method != "loracoe":
             raise ValueError(f"train.stages applies to loracoe adapters only (adapter.method is {self.adapter.method})")
         return self

@@ -60,4 +60,6 @@ def token_routing(model: nn.Module, layer: str, top: int = 2) -> list[list[tuple
         return []
     weights = torch.cat(traces)
     vals, ids = weights.topk(min(top, weights.shape[-1]), dim=-1)
-    return [[(int(i), float(v)) for i, v in zip(row_i, row_v)] for row_i, row_v in zip(ids, vals)]
+    return [
+        [(int(i), float(v)) for i, v in zip(row_i, row_v, strict=True)] for row_i, row_v in zip(ids, vals, strict=True)
+    ]

@@ -30,7 +30,7 @@ RESULTS = (METRICS, CHECKPOINTS, ADAPTER, EVAL)  # anything here means the direc
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="seconds")
 
 
 def has_results(run_dir: Path) -> bool:
@@ -54,7 +54,7 @@ class RunLock:
         self.path = run_dir / LOCK
         self.handle = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.handle = open(self.path, "a+")
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -48,7 +48,7 @@ class PairedOutcome:
     wins: int = 0  # right here, wrong in the reference
     losses: int = 0  # wrong here, right in the reference
 
-    def __add__(self, other: "PairedOutcome") -> "PairedOutcome":
+    def __add__(self, other: PairedOutcome) -> PairedOutcome:
         return PairedOutcome(self.n + other.n, self.wins + other.wins, self.losses + other.losses)
 
     @property

@@ -69,7 +69,7 @@ def test_batched_layer_equals_per_expert_loop(tiny_4bit, method):
     ref_grads = torch.autograd.grad(
         (ref * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum(), params, allow_unused=True
     )
-    for name, g, rg in zip(layer.adapter_param_names, grads, ref_grads):
+    for name, g, rg in zip(layer.adapter_param_names, grads, ref_grads, strict=False):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-6, msg=f"{method} grad of {name}")
 
 
@@ -244,7 +244,9 @@ def test_only_adapter_params_train_and_base_stays_bit_identical(tiny_4bit, metho
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    adapter_names = {f"{ln}.{pn}" for ln, l in qmoe.adapter_layers(model).items() for pn in l.adapter_param_names}
+    adapter_names = {
+        f"{ln}.{pn}" for ln, layer in qmoe.adapter_layers(model).items() for pn in layer.adapter_param_names
+    }
     assert trainable == adapter_names
     assert qmoe.trainable_parameters(model) == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import yaml
-
 from pipeline_support import arithmetic_items, build_tiny_chat_model, tiny_recipe, write_jsonl
 
 

@@ -1,8 +1,8 @@
 """Prompt formatting and label masking, dataset loaders and their one-line errors."""
 
 import pytest
-
 from pipeline_support import CHAT_TEMPLATE, arithmetic_items, build_tiny_chat_model, write_jsonl
+
 from qmoe.data import DataError, PadCollator, load_gsm8k, load_test_records, read_jsonl_strict, tokenize_records
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline_support import build_tiny_chat_model, qmoe_cli, qmoe_popen, tiny_recipe, write_recipe
 from safetensors.torch import load_file
 
 import qmoe
-from pipeline_support import build_tiny_chat_model, qmoe_cli, qmoe_popen, tiny_recipe, write_recipe
 from qmoe.cli import UsageError
 from qmoe.io import read_jsonl
 from qmoe.pipeline import run_finetune

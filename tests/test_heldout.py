@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from pipeline_support import arithmetic_items, build_tiny_chat_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline_support import arithmetic_items, build_tiny_chat_model
 from qmoe.data import PadCollator, tokenize_records
 from qmoe.heldout import answer_nll, paired_nll_difference
 
@@ -23,9 +23,9 @@ def test_answer_nll_equals_the_models_own_loss_on_answer_tokens(tmp_path):
     records = _records(5)
     out = answer_nll(model, tok, records, batch_size=2)  # padding across batches must not change anything
     examples = tokenize_records(tok, records, 512)
-    assert [n for _, n in out["per_example"]] == [sum(l != -100 for l in e["labels"][1:]) for e in examples]
+    assert [n for _, n in out["per_example"]] == [sum(label != -100 for label in e["labels"][1:]) for e in examples]
     with torch.no_grad():
-        for (nll_sum, tokens), example in zip(out["per_example"], examples):
+        for (nll_sum, tokens), example in zip(out["per_example"], examples, strict=False):
             batch = PadCollator(tok.pad_token_id)([example])
             assert nll_sum / tokens == pytest.approx(float(model(**batch).loss), rel=1e-4)
     assert out["nll"] == pytest.approx(sum(s for s, _ in out["per_example"]) / out["tokens"])

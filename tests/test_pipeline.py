@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_support import qmoe_cli, tiny_recipe, write_jsonl, write_recipe
 
 import qmoe
-from pipeline_support import qmoe_cli, tiny_recipe, write_jsonl, write_recipe
 from qmoe.cli import UsageError
 from qmoe.io import read_jsonl
 from qmoe.pipeline import run_finetune
@@ -55,7 +55,7 @@ def check_metrics(run_dir: Path, num_experts, expected_steps: list[int]) -> list
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == expected_steps
     per_record = num_experts if isinstance(num_experts, list) else [num_experts] * len(records)
-    for r, num_experts in zip(records, per_record):
+    for r, num_experts in zip(records, per_record, strict=False):
         assert set(r) == METRIC_FIELDS
         for key in (
             "loss",

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from pipeline_support import qmoe_cli
+
 from qmoe.cli import UsageError
 from qmoe.recipe import Recipe, RecipeError, apply_overrides, dump_recipe, load_recipe, validate_recipe
 

@@ -61,7 +61,7 @@ def _batches(tmp_path, step_offset: int, steps: int) -> list[list[int]]:
         step_offset=step_offset,
     )
     loader = trainer.get_train_dataloader()
-    return [batch["x"].tolist() for batch, _ in zip(loader, range(steps))]
+    return [batch["x"].tolist() for batch, _ in zip(loader, range(steps), strict=False)]
 
 
 def test_second_stage_trainer_sees_the_examples_the_first_did_not(tmp_path):

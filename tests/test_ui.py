@@ -24,7 +24,7 @@ from app.paths import UnsafePathError, resolve_model_source, safe_child  # noqa:
 from app.recipe_form import FIELD_KEYS, recipe_form_values  # noqa: E402
 from app.runs import RunManager  # noqa: E402
 from app.testing import serving, write_contract_run  # noqa: E402
-from qmoe.recipe import RecipeError, read_recipe_file, validate_recipe, apply_overrides  # noqa: E402
+from qmoe.recipe import RecipeError, apply_overrides, read_recipe_file, validate_recipe  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -252,10 +252,10 @@ def test_chat_routing_view_is_the_routing_of_each_token_during_generation(tmp_pa
     cached pass per generated token) equals the routing a single full-sequence forward gives every token
     of prompt + reply: each row is that token's own route, aligned with its text."""
     import torch
+    from pipeline_support import build_tiny_chat_model
 
     import qmoe
     from app.chat_tab import LoadedModel, collect_routing, highlighted_tokens, prompt_token_ids
-    from pipeline_support import build_tiny_chat_model
     from qmoe.chat import ChatModel, stream_reply
     from qmoe.models import load_tokenizer
     from qmoe.testing import load_model
@@ -313,7 +313,6 @@ def test_stop_from_the_ui_makes_the_real_pipeline_checkpoint_and_report_stopped(
     """Stop on a real `qmoe finetune` launched like the Train tab does: the pipeline gets SIGTERM, saves
     a checkpoint, and the UI shows the run as stopped with the pipeline's resume hint."""
     import yaml
-
     from pipeline_support import arithmetic_items, build_tiny_chat_model, tiny_recipe, write_jsonl
 
     model_dir = build_tiny_chat_model(tmp_path / "tiny-chat")

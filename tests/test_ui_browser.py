@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from pipeline_support import arithmetic_items, build_tiny_chat_model, write_jsonl
 
 playwright_api = pytest.importorskip(

@@ -100,7 +100,7 @@ def bench_layer(name, in_features, out_features, tokens, methods, device, repeat
         default_backend = kernels.backend_for(x)
         candidates = {
             method: _fwd_bwd(full, x, grad_out, ours),
-            PEFT: _fwd_bwd(lambda inp: (peft(inp), 0.0), x, grad_out, peft_params),
+            PEFT: _fwd_bwd(lambda inp, peft=peft: (peft(inp), 0.0), x, grad_out, peft_params),
             "adapter": _fwd_bwd(adapter, x, grad_out, ours),
             LOOP: _fwd_bwd(loop, x, grad_out, ours),
         }

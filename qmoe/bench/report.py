@@ -72,7 +72,8 @@ def print_table(result: dict, console=None) -> None:
 
     console = console or Console(width=max(Console().width, 170))  # a CI log is not 80 columns of text
     meta = result["meta"]
-    title = f"qmoe bench ({meta.get('plan', {}).get('name', '')}) on {meta['device_name']}, {meta['torch_threads']} thread(s)"
+    plan = meta.get("plan", {}).get("name", "")
+    title = f"qmoe bench ({plan}) on {meta['device_name']}, {meta['torch_threads']} thread(s)"
     table = Table(title=title, show_lines=False)
     for h in HEADERS:
         right = h.startswith(("×", "time", "baseline time", "peak"))

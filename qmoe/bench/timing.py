@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -69,7 +69,7 @@ def run(args) -> int:
         messages.append({"role": "assistant", "content": final.get("text", "")})
         if layer is not None and layer in final.get("routing", {}):
             print(f"routing at {layer} (expert:weight):")
-            for token, experts in zip(final["tokens"], top_experts(final["routing"][layer], args.top)):
+            for token, experts in zip(final["tokens"], top_experts(final["routing"][layer], args.top), strict=False):
                 shown = "  ".join(f"{e}:{w:.2f}" for e, w in experts)
                 print(f"  {token!r:>16}  {shown}")
     return 0

@@ -59,7 +59,8 @@ def run(args) -> int:
     if args.eval_limit is not None and args.eval_limit < 1:
         raise UsageError("--eval-limit must be >= 1")
     runs = [
-        (label, recipe, []) for label, recipe in zip(args.labels or [Path(r).stem for r in args.recipes], args.recipes)
+        (label, recipe, [])
+        for label, recipe in zip(args.labels or [Path(r).stem for r in args.recipes], args.recipes, strict=False)
     ]
     if args.labels and len(args.labels) != len(args.recipes):
         raise UsageError(f"--labels gives {len(args.labels)} names for {len(args.recipes)} recipes")

@@ -4,7 +4,7 @@ routing telemetry and auxiliary-loss bookkeeping."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
