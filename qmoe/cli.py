@@ -20,6 +20,11 @@ COMMANDS = {
 }
 
 
+def qmoe_command(*args: str) -> list[str]:
+    """argv that runs ``qmoe ARGS`` in a subprocess with this interpreter (the one way qmoe launches itself)."""
+    return [sys.executable, "-m", "qmoe", *args]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qmoe", description="Mixture-of-LoRA-experts fine-tuning on 4-bit LLMs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
