@@ -10,6 +10,9 @@ import sys
 import yaml
 from pipeline_support import arithmetic_items, build_tiny_chat_model, tiny_recipe, write_jsonl
 
+from qmoe.compare.runner import RESULTS_JSON, SPECIALISATION_JSON
+from qmoe.rundir import RECIPE
+
 
 def test_compare_trains_evaluates_and_writes_results(tmp_path):
     model_dir = build_tiny_chat_model(tmp_path / "model")
@@ -72,6 +75,7 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
     env = {**os.environ, "QMOE_DATA_DIR": str(data)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "$ qmoe finetune" in proc.stdout  # subprocesses are shown as a person would type them
     text = results.read_text()
     assert "Hand-written analysis stays." in text
     assert "qmoe compare" in text and "| base model |" in text
@@ -79,9 +83,9 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
         line for line in text.splitlines() if line.startswith("| lora (lora)") or line.startswith("| moelora (moelora)")
     ]
     assert len(rows) == 2
-    records = json.loads((tmp_path / "runs" / "results.json").read_text())
+    records = json.loads((tmp_path / "runs" / RESULTS_JSON).read_text())
     by_label = {r["label"]: r for r in records}
-    resolved = yaml.safe_load((tmp_path / "runs" / "moelora" / "recipe.yaml").read_text())
+    resolved = yaml.safe_load((tmp_path / "runs" / "moelora" / RECIPE).read_text())
     assert resolved["adapter"]["balance_loss_weight"] == 0.05
     assert by_label["moelora"]["trainable_parameters"] > 0 and by_label["lora"]["train_seconds"] > 0
     for label in ("base model", "lora", "moelora"):
@@ -100,7 +104,7 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
     for label in ("base model", "lora", "moelora"):
         assert by_label[label]["heldout"]["tokens"] > 0 and by_label[label]["heldout"]["nll"] > 0
     assert "GSM8K answer NLL" in text and " ± " in text.split("Paired comparisons")[1]
-    spec = json.loads((tmp_path / "runs" / "specialisation.json").read_text())
+    spec = json.loads((tmp_path / "runs" / SPECIALISATION_JSON).read_text())
     assert list(spec) == ["moelora (untrained router)", "moelora"] and spec["moelora"]["numeric_tokens"] > 0
     assert (
         0.0 <= spec["moelora"]["numeric_vs_all_tv"] <= 1.0
@@ -124,7 +128,7 @@ def test_compare_trains_evaluates_and_writes_results(tmp_path):
 def test_specialisation_summary_on_known_shares():
     import torch
 
-    from qmoe.specialisation import summarise
+    from qmoe.compare.specialisation import summarise
 
     everything = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]])
     numeric = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])

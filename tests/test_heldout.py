@@ -5,8 +5,9 @@ import torch
 from pipeline_support import arithmetic_items, build_tiny_chat_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qmoe.compare.heldout import answer_nll
+from qmoe.compare.statistics import paired_nll_difference
 from qmoe.data import PadCollator, tokenize_records
-from qmoe.heldout import answer_nll, paired_nll_difference
 
 
 def _records(n):

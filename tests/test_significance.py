@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qmoe.significance import PairedOutcome, paired_outcome, sign_test_p, wilson_halfwidth, wilson_interval
+from qmoe.compare.statistics import PairedOutcome, paired_outcome, sign_test_p, wilson_halfwidth, wilson_interval
 
 
 def test_sign_test_matches_the_binomial_by_hand():

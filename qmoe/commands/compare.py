@@ -3,11 +3,12 @@ on the same test sets, write RESULTS.md (accuracy per task, trainable parameters
 
 from __future__ import annotations
 
+import argparse
 import shlex
 from pathlib import Path
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipes", nargs="*", metavar="RECIPE", help="recipe YAML files to train and compare")
     parser.add_argument(
         "--run",
@@ -52,9 +53,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--figures", default="docs/figures", help="expert-specialisation figures folder ('' = none)")
 
 
-def run(args) -> int:
-    from ..cli import UsageError
+def run(args: argparse.Namespace) -> int:
     from ..compare import run_compare
+    from ..errors import UsageError
 
     if args.eval_limit is not None and args.eval_limit < 1:
         raise UsageError("--eval-limit must be >= 1")
@@ -93,7 +94,7 @@ def run(args) -> int:
     )
 
 
-def _argv_of(args) -> list[str]:
+def _argv_of(args: argparse.Namespace) -> list[str]:
     argv = list(args.recipes)
     if args.labels:
         argv += ["--labels", *args.labels]

@@ -1,17 +1,18 @@
-"""Paired significance for accuracy differences on the same test problems.
+"""Paired statistics for differences between runs scored on the same test problems.
 
 Two adapters scored on the same problems disagree only on some of them; whether one is really better
 depends on those discordant problems, not on the two accuracies alone. The exact McNemar test (a
 two-sided binomial sign test on the discordant pairs) says how often a split at least that lopsided would
 happen if both were equally good. With 100-problem test sets a few points of difference are usually noise,
-and the results table should say so rather than let a reader rank methods by it.
+and the results table should say so rather than let a reader rank methods by it. The same pairing gives
+the interval on a difference in held-out answer loss.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
-from math import comb
 from pathlib import Path
 
 
@@ -20,7 +21,7 @@ def sign_test_p(wins: int, losses: int) -> float:
     n = wins + losses
     if n == 0:
         return 1.0
-    tail = sum(comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
@@ -75,3 +76,18 @@ def paired_outcome(eval_file: Path, reference_file: Path) -> PairedOutcome | Non
     wins = sum(mine[k] and not ref[k] for k in shared)
     losses = sum(ref[k] and not mine[k] for k in shared)
     return PairedOutcome(len(shared), wins, losses)
+
+
+def paired_nll_difference(mine: dict, reference: dict) -> tuple[float, float] | None:
+    """(Δ mean NLL, 95% half-width) of ``mine`` minus ``reference`` over the same problems, token-weighted.
+
+    Both are ``qmoe.compare.heldout.answer_nll`` results; None when they were not measured on the same problems."""
+    a, b = mine.get("per_example", []), reference.get("per_example", [])
+    if not a or len(a) != len(b) or any(x[1] != y[1] for x, y in zip(a, b, strict=False)):
+        return None
+    diffs = [x[0] - y[0] for x, y in zip(a, b, strict=False)]
+    tokens = sum(x[1] for x in a)
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
+    return sum(diffs) / tokens, 1.96 * math.sqrt(n * var) / tokens

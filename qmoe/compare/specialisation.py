@@ -1,22 +1,41 @@
-"""Expert-specialisation figures from routing telemetry (MoELoRA paper §5.2): where numeric tokens go.
+"""Expert specialisation from routing telemetry (MoELoRA paper §5.2): where numeric tokens go.
 
 Teacher-forced forwards over GSM8K test question+answer pairs, with routing traces on, give every token's
-real routing weights at every layer. Figures: per transformer layer, the share of numeric tokens (tokens
-whose text holds a digit) and of all tokens sent to each expert as top-1, and each layer's load imbalance.
+real routing weights at every layer. Per transformer layer: the share of numeric tokens (tokens whose text
+holds a digit) and of all tokens sent to each expert as top-1, and each layer's load imbalance. The figures
+drawn from these are in ``plots.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..chat import ChatModel
+    from .report import RunResult
 
 MODULE = "mlp.down_proj"  # one projection type gives one row per transformer layer
 
 
-def routing_by_token(chat, texts: list[str], module: str = MODULE):
+@dataclass
+class RoutingShares:
+    """One run's top-1 routing over the GSM8K texts, each share [layers, experts]."""
+
+    numeric: torch.Tensor  # share of the numeric tokens per expert
+    everything: torch.Tensor  # share of all tokens per expert
+    numeric_tokens: int
+
+
+def routing_by_token(
+    chat: ChatModel, texts: list[str], module: str = MODULE
+) -> tuple[list[str], dict[int, torch.Tensor]]:
     """(tokens [str], {layer index: weights [tokens, experts]}) over ``texts`` for layers ending in ``module``."""
-    from .routing import routing, trace_routing
+    from ..routing import routing, trace_routing
 
     model, tok = chat.model, chat.tokenizer
     tokens: list[str] = []
@@ -67,16 +86,16 @@ def summarise(numeric: torch.Tensor, everything: torch.Tensor, n_numeric: int) -
     }
 
 
-def untrained_chat(run_dir: Path):
+def untrained_chat(run_dir: Path) -> ChatModel:
     """The run's backbone with its adapter freshly attached under the run's seed, before any training step:
     the baseline that says how much of the routing pattern the router learned and how much it inherits
     from the backbone's hidden states (B = 0, so those are the base model's)."""
     from transformers import set_seed
 
-    from .attach import attach
-    from .chat import load_chat_model
-    from .config import AdapterConfig
-    from .recipe import load_recipe
+    from ..attach import attach
+    from ..chat import load_chat_model
+    from ..config import AdapterConfig
+    from ..recipe import load_recipe
 
     recipe = load_recipe(run_dir)
     set_seed(recipe.train.seed)  # the order qmoe finetune uses: seed, load, attach
@@ -91,20 +110,20 @@ def untrained_chat(run_dir: Path):
     return chat
 
 
-def specialisation_figures(runs, figures_dir: Path, n_examples: int = 40) -> tuple[list[Path], dict]:
-    """Write the figures for MoELoRA runs, plus the first run's router before training as a baseline;
-    returns the PNG paths and ``{label: summarise(...)}``."""
-    from .chat import load_chat_model
-    from .compare_plots import pyplot, save_figure
-    from .data import chat_prompt, load_gsm8k
+def measure_specialisation(runs: Sequence[RunResult], n_examples: int = 40) -> dict[str, RoutingShares]:
+    """``{label: RoutingShares}`` for the first run's router before training (the baseline), then every run
+    (MoELoRA runs: their routers are what is measured); empty without runs."""
+    from ..chat import load_chat_model
+    from ..data import chat_prompt, load_gsm8k
 
     if not runs:
-        return [], {}
-    plt = pyplot()
+        return {}
     records = load_gsm8k("test", limit=n_examples)
-    stats, summary = {}, {}
-    sources = [(f"{runs[0].label} (untrained router)", lambda: untrained_chat(runs[0].run_dir))]
+    sources: list[tuple[str, Callable[[], ChatModel]]] = [
+        (f"{runs[0].label} (untrained router)", lambda: untrained_chat(runs[0].run_dir))
+    ]
     sources += [(run.label, lambda run=run: load_chat_model(run.run_dir)) for run in runs]
+    shares = {}
     for label, load in sources:
         chat = load()
         # the training format: chat-templated question followed by the worked answer
@@ -112,35 +131,8 @@ def specialisation_figures(runs, figures_dir: Path, n_examples: int = 40) -> tup
         tokens, weights = routing_by_token(chat, texts)
         numeric = torch.tensor([any(c.isdigit() for c in t) for t in tokens])
         everything = torch.ones_like(numeric)
-        stats[label] = (top1_shares(weights, numeric), top1_shares(weights, everything))
-        summary[label] = summarise(*stats[label], int(numeric.sum()))
+        shares[label] = RoutingShares(
+            top1_shares(weights, numeric), top1_shares(weights, everything), int(numeric.sum())
+        )
         del chat
-    paths = []
-    fig, axes = plt.subplots(len(stats), 3, figsize=(13, 3.6 * len(stats)), squeeze=False)
-    for row, (label, (num, allt)) in enumerate(stats.items()):
-        for col, (data, title, cmap) in enumerate(
-            [
-                (num, "numeric tokens", "viridis"),
-                (allt, "all tokens", "viridis"),
-                (num - allt, "numeric − all", "coolwarm"),
-            ]
-        ):
-            ax = axes[row][col]
-            lim = float(data.abs().max()) if col == 2 else None
-            im = ax.imshow(data.numpy(), aspect="auto", cmap=cmap, vmin=-lim if lim else 0, vmax=lim)
-            ax.set_title(f"{label}: {title}")
-            ax.set_xlabel("expert")
-            ax.set_ylabel(f"layer ({MODULE})")
-            fig.colorbar(im, ax=ax, label="share of tokens (top-1)" if col < 2 else "difference in share")
-    paths.append(save_figure(fig, figures_dir / "numeric-token-routing.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, (_, allt) in stats.items():
-        cv = load_cv(allt).numpy()
-        ax.plot(range(len(cv)), cv, marker="o", label=label)
-    ax.set_xlabel(f"layer ({MODULE})")
-    ax.set_ylabel("load imbalance (coefficient of variation of top-1 share)")
-    ax.set_title("Expert load per layer (0 = perfectly balanced)")
-    ax.legend()
-    paths.append(save_figure(fig, figures_dir / "expert-load-per-layer.png"))
-    return paths, summary
+    return shares

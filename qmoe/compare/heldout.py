@@ -3,22 +3,30 @@
 Accuracy of a 135M model on grade-school math sits near zero whatever the adapter, so it cannot rank the
 methods; the per-token loss on the reference solutions moves long before accuracy does. Tokenised exactly
 as in training (chat template, loss on the answer tokens and EOS only), so the number is the training
-objective measured on problems the adapter never saw.
+objective measured on problems the adapter never saw. Differences between runs: ``statistics.paired_nll_difference``.
 """
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from .data import PadCollator, tokenize_records
+from ..attach import clear_aux
+from ..data import PadCollator, tokenize_records
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
-def answer_nll(model, tokenizer, records: list[dict], max_length: int = 512, batch_size: int = 8) -> dict:
+def answer_nll(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict],
+    max_length: int = 512,
+    batch_size: int = 8,
+) -> dict:
     """``{"nll": token-weighted mean, "tokens": N, "per_example": [[nll sum, tokens], ...]}`` over ``records``."""
-    from . import clear_aux
-
     examples = tokenize_records(tokenizer, records, max_length)
     collate = PadCollator(tokenizer.pad_token_id)  # load_base_model gives every tokenizer a pad token
     device = next(model.parameters()).device
@@ -41,16 +49,3 @@ def answer_nll(model, tokenizer, records: list[dict], max_length: int = 512, bat
         model.train(was_training)
     tokens = sum(n for _, n in per_example)
     return {"nll": sum(s for s, _ in per_example) / tokens, "tokens": tokens, "per_example": per_example}
-
-
-def paired_nll_difference(mine: dict, reference: dict) -> tuple[float, float] | None:
-    """(Δ mean NLL, 95% half-width) of ``mine`` minus ``reference`` over the same problems, token-weighted."""
-    a, b = mine.get("per_example", []), reference.get("per_example", [])
-    if not a or len(a) != len(b) or any(x[1] != y[1] for x, y in zip(a, b, strict=False)):
-        return None
-    diffs = [x[0] - y[0] for x, y in zip(a, b, strict=False)]
-    tokens = sum(x[1] for x in a)
-    n = len(diffs)
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
-    return sum(diffs) / tokens, 1.96 * math.sqrt(n * var) / tokens
