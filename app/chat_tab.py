@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import gradio as gr
 import numpy as np
@@ -16,8 +17,13 @@ import torch
 import qmoe
 
 from .context import UIContext
-from .paths import UnsafePathError
+from .paths import UnsafePathError, resolve_model_source
 from .plots import empty_figure, expert_color, short_layer_name, token_heatmap
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from qmoe.chat import ChatModel
 
 BASE_PREFIX = "base:"
 RUN_PREFIX = "run:"
@@ -26,7 +32,7 @@ RUN_PREFIX = "run:"
 @dataclass
 class LoadedModel:
     key: str  # the dropdown value it was loaded for
-    chat: object  # qmoe.chat.ChatModel
+    chat: ChatModel
     method: str | None  # None: base model without adapter
 
 
@@ -68,8 +74,6 @@ class ChatModels:
             return self.current
         from qmoe.chat import load_chat_model
 
-        from .paths import resolve_model_source
-
         self.current = None  # free the previous model before loading the next
         if key.startswith(RUN_PREFIX):
             name = key[len(RUN_PREFIX) :]
@@ -86,7 +90,7 @@ class ChatModels:
         return self.current
 
 
-def prompt_token_ids(chat, messages: list[dict]) -> list[int]:
+def prompt_token_ids(chat: ChatModel, messages: list[dict]) -> list[int]:
     """The prompt exactly as ``qmoe.chat.stream_reply`` tokenizes it (chat template, no extra specials)."""
     text = chat.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return chat.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -183,44 +187,26 @@ def build_chat_tab(ctx: UIContext) -> dict:
         )
     routing_state = gr.State(Routing())
 
-    def respond(key, text, history, max_tokens, temp):
+    def respond(key: str | None, text: str | None, history: list | None, max_tokens: float, temp: float):
         history = list(history or [])
         text = (text or "").strip()
         if not text:
-            yield history, gr.skip(), "type a message first", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield {chatbot: history, status: "type a message first"}
             return
         if not key:
-            yield (
-                history,
-                gr.skip(),
-                "**Error:** choose a model first",
-                gr.skip(),
-                gr.skip(),
-                gr.skip(),
-                gr.skip(),
-                gr.skip(),
-            )
+            yield {chatbot: history, status: "**Error:** choose a model first"}
             return
         history.append({"role": "user", "content": text})
-        yield history, "", "loading the model and generating…", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        yield {chatbot: history, message: "", status: "loading the model and generating…"}
         try:
             with models.lock:
                 loaded = models.load(key)
                 yield from _generate(loaded, history, int(max_tokens), float(temp))
         except Exception as exc:  # noqa: BLE001 - shown to the user; the UI must keep serving
             message_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            yield (
-                history,
-                gr.skip(),
-                f"**Error:** {message_line}",
-                gr.skip(),
-                gr.skip(),
-                gr.skip(),
-                gr.skip(),
-                gr.skip(),
-            )
+            yield {chatbot: history, status: f"**Error:** {message_line}"}
 
-    def _generate(loaded: LoadedModel, history, max_tokens, temp):
+    def _generate(loaded: LoadedModel, history: list[dict], max_tokens: int, temp: float):
         from qmoe.chat import stream_reply
 
         messages = [{"role": m["role"], "content": _content_text(m["content"])} for m in history]
@@ -235,38 +221,36 @@ def build_chat_tab(ctx: UIContext) -> dict:
                 break
             reply += event["text"]
             history[-1] = {"role": "assistant", "content": reply}
-            yield history, gr.skip(), "generating…", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield {chatbot: history, status: "generating…"}
         history[-1] = {"role": "assistant", "content": done["text"]}
         routing = collect_routing(loaded, prompt_ids, done["tokens"])
         prompt_len, generated = len(prompt_ids), len(done["tokens"])
         if not routing.layers:
             note = "no router: base model" if loaded.method is None else f"no router: {loaded.method} has no experts"
-            yield (
-                history,
-                gr.skip(),
-                f"{generated} tokens generated · {note}",
-                routing,
-                gr.update(choices=[], value=None),
-                [],
-                None,
-                None,
-            )
+            yield {
+                chatbot: history,
+                status: f"{generated} tokens generated · {note}",
+                routing_state: routing,
+                layer: gr.update(choices=[], value=None),
+                tokens_view: [],
+                token_plot: None,
+                token_index: None,
+            }
             return
         first = routing.layers[0]
         pairs, colors = highlighted_tokens(routing, first)
         selected = prompt_len  # the first generated token
-        yield (
-            history,
-            gr.skip(),
-            f"{generated} tokens generated · routing recorded in {len(routing.layers)} layers",
-            routing,
-            gr.update(choices=[(short_layer_name(n), n) for n in routing.layers], value=first),
-            gr.update(value=pairs, color_map=colors),
-            _token_figure(routing, selected),
-            selected,
-        )
+        yield {
+            chatbot: history,
+            status: f"{generated} tokens generated · routing recorded in {len(routing.layers)} layers",
+            routing_state: routing,
+            layer: gr.update(choices=[(short_layer_name(n), n) for n in routing.layers], value=first),
+            tokens_view: gr.update(value=pairs, color_map=colors),
+            token_plot: _token_figure(routing, selected),
+            token_index: selected,
+        }
 
-    def change_layer(routing: Routing, name):
+    def change_layer(routing: Routing, name: str | None):
         pairs, colors = highlighted_tokens(routing, name)
         return gr.update(value=pairs, color_map=colors)
 
@@ -274,7 +258,7 @@ def build_chat_tab(ctx: UIContext) -> dict:
         index = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
         return _token_figure(routing, int(index)), int(index)
 
-    def show_token(routing: Routing, index):
+    def show_token(routing: Routing, index: float | None):
         if index is None:
             return gr.skip()
         return _token_figure(routing, int(index))
@@ -293,7 +277,7 @@ def build_chat_tab(ctx: UIContext) -> dict:
     tokens_view.select(select_token, routing_state, [token_plot, token_index], api_visibility="private")
     token_index.submit(show_token, [routing_state, token_index], token_plot, api_name="token_routing")
 
-    def refresh_choices(current):
+    def refresh_choices(current: str | None):
         items = models.choices()
         values = [v for _, v in items]
         return gr.update(choices=items, value=current if current in values else (values[0] if values else None))
@@ -301,7 +285,7 @@ def build_chat_tab(ctx: UIContext) -> dict:
     return {"model": model_choice, "refresh_choices": refresh_choices}
 
 
-def _content_text(content) -> str:
+def _content_text(content: object) -> str:
     """Chatbot messages may carry structured content (Gradio 6: a list of parts); keep the text."""
     if isinstance(content, str):
         return content
@@ -312,7 +296,7 @@ def _content_text(content) -> str:
     return str(content)
 
 
-def _token_figure(routing: Routing, index: int):
+def _token_figure(routing: Routing, index: int) -> Figure | None:
     if not routing.layers or not 0 <= index < len(routing.tokens):
         return None
     matrix = np.stack([routing.weights[n][index] for n in routing.layers])

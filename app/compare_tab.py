@@ -69,11 +69,11 @@ def build_compare_tab(ctx: UIContext) -> dict:
         headers=COMPARE_HEADERS, interactive=False, label="Runs side by side", wrap=True, elem_id="compare-table"
     )
 
-    def compare(names):
+    def compare(names: list[str] | None):
         rows, series = compare_rows(ctx, names)
         return compare_curves(series), rows
 
-    def refresh_choices(names):
+    def refresh_choices(names: list[str] | None):
         choices = ctx.runs.list_runs()
         return gr.update(choices=choices, value=[n for n in (names or []) if n in choices])
 

@@ -77,74 +77,79 @@ def build_monitor_tab(ctx: UIContext) -> dict:
     )
     seen = gr.State(None)  # (run, file signature) last drawn, so an idle refresh redraws nothing
 
-    def load_view(name, index, follow_latest):
-        """Heatmap, imbalance chart and table of one logged step; returns (index used, outputs...)."""
+    def load_view(name: str, index: float | None, follow_latest: bool) -> dict:
+        """The step slider, heatmap, imbalance chart and table of one logged step (the latest when following)."""
         info = ctx.runs.status(name)
         points = _load_points(ctx.runs.metrics(name))
         if not points:
-            empty = load_heatmap({}, None)
-            return gr.update(maximum=1, value=0), empty, imbalance_figure({}), []
+            return {
+                step: gr.update(maximum=1, value=0),
+                heatmap: load_heatmap({}, None),
+                imbalance: imbalance_figure({}),
+                table: [],
+            }
         last = len(points) - 1
         index = last if follow_latest or index is None else max(0, min(int(index), last))
         point = points[index]
         method = info.get("method") or point.get("method")
-        return (
-            gr.update(
+        return {
+            step: gr.update(
                 maximum=max(last, 1),
                 value=index,
                 label=f"Logged step to show (drag to replay): step {point.get('step')}",
             ),
-            load_heatmap(point["expert_load"], point.get("step"), method),
-            imbalance_figure(point["expert_load"], method),
-            imbalance_rows(point["expert_load"]),
-        )
+            heatmap: load_heatmap(point["expert_load"], point.get("step"), method),
+            imbalance: imbalance_figure(point["expert_load"], method),
+            table: imbalance_rows(point["expert_load"]),
+        }
 
-    def refresh(name, index, follow_latest, previous, force=False):
+    def refresh(name: str | None, index: float | None, follow_latest: bool, previous, force: bool = False) -> dict:
+        """Updates for the run's view; empty when there is no run or nothing changed since ``previous``."""
         if not name:
-            return [gr.skip()] * 7
+            return {}
         try:
             signature = (name, ctx.runs.metrics_signature(name))
             if not force and signature == previous:
-                return [gr.skip()] * 7
+                return {}
             info = ctx.runs.status(name)
             records = ctx.runs.metrics(name)
             view = load_view(name, index, follow_latest)
         except (OSError, UnsafePathError) as exc:
-            return [f"**Error:** {exc}"] + [gr.skip()] * 5 + [previous]
+            return {status: f"**Error:** {exc}", seen: previous}
         title = f"{name} ({info.get('method') or ''})"
-        return [
-            status_markdown(info, records, ctx.runs.eval_result(name)),
-            training_curves(records, title),
-            *view,
-            signature,
-        ]
+        return {
+            status: status_markdown(info, records, ctx.runs.eval_result(name)),
+            curves: training_curves(records, title),
+            **view,
+            seen: signature,
+        }
+
+    def show(name: str | None, index: float | None, follow_latest: bool, previous):
+        """The run dropdown and Refresh now: redraw the run's view even if its files did not change."""
+        return refresh(name, index, follow_latest, previous, force=True) or gr.skip()
 
     outputs = [status, curves, step, heatmap, imbalance, table, seen]
-    run.change(
-        lambda n, i, f, p: refresh(n, i, f, p, force=True), [run, step, follow, seen], outputs, api_name="monitor"
-    )
-    refresh_button.click(
-        lambda n, i, f, p: refresh(n, i, f, p, force=True), [run, step, follow, seen], outputs, api_visibility="private"
-    )
+    run.change(show, [run, step, follow, seen], outputs, api_name="monitor")
+    refresh_button.click(show, [run, step, follow, seen], outputs, api_visibility="private")
 
-    def replay(name, index):
+    def replay(name: str | None, index: float | None):
         if not name:
-            return [gr.skip()] * 5
-        slider, heat, imb, rows = load_view(name, index, False)
-        return slider, heat, imb, rows, False
+            return gr.skip()
+        return {**load_view(name, index, False), follow: False}
 
     step.release(replay, [run, step], [step, heatmap, imbalance, table, follow], api_name="replay")
     timer = gr.Timer(REFRESH_SECONDS)
 
     known_runs = gr.State(runs)
 
-    def tick(name, index, follow_latest, previous, live_on, known):
+    def tick(name: str | None, index: float | None, follow_latest: bool, previous, live_on: bool, known: list[str]):
         choices = ctx.runs.list_runs()
-        # only touch the dropdown when the list changed (an update closes it under the user's pointer)
-        run_update = gr.skip() if choices == known else gr.update(choices=choices)
-        if not live_on:
-            return [run_update, choices] + [gr.skip()] * 7
-        return [run_update, choices] + refresh(name, index, follow_latest, previous)
+        updates = {known_runs: choices}
+        if choices != known:  # only touch the dropdown when the list changed (an update closes it under the pointer)
+            updates[run] = gr.update(choices=choices)
+        if live_on:
+            updates.update(refresh(name, index, follow_latest, previous))
+        return updates
 
     timer.tick(
         tick,

@@ -14,7 +14,7 @@ from qmoe.config import METHODS
 from qmoe.recipe import Recipe, RecipeError, apply_overrides, dump_recipe, read_recipe_file, validate_recipe
 from qmoe.tuners import METHOD_DEFAULTS
 
-from .paths import UnsafePathError, recipe_path, resolve_model_source
+from .paths import recipe_path, resolve_model_source
 
 
 @dataclass(frozen=True)
@@ -180,15 +180,3 @@ def build_recipe(recipe_name: str, form: dict, models_dir: Path, output_dir: str
     overrides.append(f"output_dir={json.dumps(output_dir)}")
     recipe = validate_recipe(apply_overrides(raw, overrides))
     return recipe, dump_recipe(recipe)
-
-
-__all__ = [
-    "FIELDS",
-    "FIELD_KEYS",
-    "RecipeError",
-    "UnsafePathError",
-    "build_recipe",
-    "field_info",
-    "method_field_values",
-    "recipe_form_values",
-]

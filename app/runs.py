@@ -13,18 +13,22 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
+from qmoe import rundir
+from qmoe.cli import qmoe_command
 from qmoe.io import atomic_write_json, atomic_write_text, read_jsonl
+from qmoe.serialization import CONFIG_FILE as ADAPTER_CONFIG_FILE
 
 from .paths import UnsafePathError, safe_child
 
-# written by the UI next to the pipeline's files: how it started the process, and that process's output
+# written by the UI next to the pipeline's files: how it started the process, that process's output, and
+# that Stop was pressed
 LAUNCH_FILE = "launch.json"
 CONSOLE_FILE = "console.log"
+STOP_REQUEST_FILE = "stop-requested.json"
 
 FINAL_STATES = ("finished", "failed", "stopped")
 
@@ -54,7 +58,7 @@ def last_line(path: Path, max_bytes: int = 16384) -> str | None:
 def _last_error_line(run_dir: Path) -> str | None:
     """The line that best explains a failure: the last traceback/error line of the process output if
     there is one, else the last line of train.log or of the output."""
-    for name in (CONSOLE_FILE, "train.log"):
+    for name in (CONSOLE_FILE, rundir.LOG):
         try:
             text = (run_dir / name).read_text(encoding="utf-8", errors="replace")[-65536:]
         except OSError:
@@ -63,7 +67,7 @@ def _last_error_line(run_dir: Path) -> str | None:
         errors = [line for line in lines if "error" in line.lower() or "exception" in line.lower()]
         if errors:
             return errors[-1]
-    return last_line(run_dir / CONSOLE_FILE) or last_line(run_dir / "train.log")
+    return last_line(run_dir / CONSOLE_FILE) or last_line(run_dir / rundir.LOG)
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -87,9 +91,10 @@ class RunManager:
     """All runs under one runs directory."""
 
     def __init__(self, runs_dir: str | os.PathLike, python: str | None = None):
+        """``python``: run the trainer with this interpreter instead of qmoe's own (tests use a fake one)."""
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.python = python or sys.executable
+        self.python = python
         self._children: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
 
@@ -103,9 +108,9 @@ class RunManager:
     def list_runs(self) -> list[str]:
         """Run names, newest first (folders with a recipe.yaml)."""
         runs = [
-            p for p in self.runs_dir.iterdir() if p.is_dir() and not p.is_symlink() and (p / "recipe.yaml").is_file()
+            p for p in self.runs_dir.iterdir() if p.is_dir() and not p.is_symlink() and (p / rundir.RECIPE).is_file()
         ]
-        runs.sort(key=lambda p: (p / "recipe.yaml").stat().st_mtime, reverse=True)
+        runs.sort(key=lambda p: (p / rundir.RECIPE).stat().st_mtime, reverse=True)
         return [p.name for p in runs]
 
     def new_run_dir(self, prefix: str) -> Path:
@@ -125,15 +130,18 @@ class RunManager:
     # ------------------------------------------------------------------------------------------ launch/stop
     def finetune_command(self, run_dir: Path) -> list[str]:
         # the contract: `qmoe finetune RUN_DIR` trains the run directory's recipe.yaml into that directory
-        return [self.python, "-m", "qmoe.cli", "finetune", str(run_dir)]
+        command = qmoe_command("finetune", str(run_dir))
+        if self.python is not None:
+            command[0] = self.python
+        return command
 
-    def launch_in(self, run_dir: Path, recipe_yaml: str, env: dict | None = None) -> str:
+    def launch_in(self, run_dir: Path, recipe_yaml: str) -> str:
         """Write ``recipe_yaml`` into ``run_dir`` (fresh, from :meth:`new_run_dir`) and start training
         there. Returns the run name."""
         run_dir = self.run_dir(Path(run_dir).name)
-        atomic_write_text(run_dir / "recipe.yaml", recipe_yaml)
+        atomic_write_text(run_dir / rundir.RECIPE, recipe_yaml)
         command = self.finetune_command(run_dir)
-        child_env = dict(os.environ if env is None else env)
+        child_env = dict(os.environ)
         child_env["PYTHONUNBUFFERED"] = "1"
         with open(run_dir / CONSOLE_FILE, "ab") as console:
             process = subprocess.Popen(
@@ -170,7 +178,7 @@ class RunManager:
                 target = f"process {pid}"
         except (ProcessLookupError, TypeError, ValueError):
             return f"{name}: process {pid} is already gone"
-        atomic_write_json(run_dir / "stop-requested.json", {"time": time.time(), "by": "qmoe ui"})
+        atomic_write_json(run_dir / STOP_REQUEST_FILE, {"time": time.time(), "by": "qmoe ui"})
         return f"stop requested for {name} (SIGTERM to {target}); it saves a checkpoint and exits"
 
     def _alive(self, name: str, pid: int | None) -> bool:
@@ -185,7 +193,7 @@ class RunManager:
         """status.json, corrected by what is known about the process: a run whose process died without
         writing a final state is ``failed`` with the last error line of its output."""
         run_dir = self.run_dir(name)
-        status = _read_json(run_dir / "status.json") or {}
+        status = _read_json(run_dir / rundir.STATUS) or {}
         launch = _read_json(run_dir / LAUNCH_FILE) or {}
         info = dict(status)
         info["name"] = name
@@ -203,13 +211,13 @@ class RunManager:
         if state == "failed" and not info.get("error"):
             info["error"] = _last_error_line(run_dir)
         info["state"] = state
-        if (run_dir / "stop-requested.json").exists() and state in ("running", "starting"):
+        if (run_dir / STOP_REQUEST_FILE).exists() and state in ("running", "starting"):
             info["state"] = "stopping"
         return info
 
     def metrics(self, name: str) -> list[dict]:
         try:
-            return read_jsonl(self.run_dir(name) / "metrics.jsonl")
+            return read_jsonl(self.run_dir(name) / rundir.METRICS)
         except ValueError:  # a corrupt line in the middle: show what precedes it
             return []
 
@@ -217,7 +225,7 @@ class RunManager:
         """Cheap change detector for live refresh (size and mtime of the files the plots read)."""
         run_dir = self.run_dir(name)
         sig = []
-        for file in ("metrics.jsonl", "status.json", "eval.json"):
+        for file in (rundir.METRICS, rundir.STATUS, rundir.EVAL):
             try:
                 st = (run_dir / file).stat()
                 sig.append((st.st_size, st.st_mtime_ns))
@@ -226,18 +234,16 @@ class RunManager:
         return tuple(sig)
 
     def eval_result(self, name: str) -> dict | None:
-        return _read_json(self.run_dir(name) / "eval.json")
-
-    def recipe_text(self, name: str) -> str:
-        return (self.run_dir(name) / "recipe.yaml").read_text(encoding="utf-8")
+        return _read_json(self.run_dir(name) / rundir.EVAL)
 
     def adapter_dir(self, name: str) -> Path | None:
-        path = self.run_dir(name) / "adapter"
-        return path if (path / "adapter_config.json").is_file() else None
+        """The run's final adapter folder, or None while it has not been saved."""
+        path = self.run_dir(name) / rundir.ADAPTER
+        return path if (path / ADAPTER_CONFIG_FILE).is_file() else None
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         run_dir = self.run_dir(name)
-        for file in ("train.log", CONSOLE_FILE):
+        for file in (rundir.LOG, CONSOLE_FILE):
             try:
                 text = (run_dir / file).read_text(encoding="utf-8", errors="replace")[-32768:]
             except OSError:

@@ -7,9 +7,11 @@ import json
 import math
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from qmoe import rundir
 from qmoe.io import atomic_write_json, atomic_write_text
 
 
@@ -20,7 +22,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(demo, host: str = "127.0.0.1"):
+def serving(demo, host: str = "127.0.0.1") -> Iterator[str]:
     """Launch ``demo`` in this process on a free port; yields its URL; closes it afterwards."""
     from .main import launch
 
@@ -47,7 +49,7 @@ def write_contract_run(
     from uniform towards one busy expert (and one collapsed expert in the last layer)."""
     run = Path(runs_dir) / name
     run.mkdir(parents=True)
-    atomic_write_text(run / "recipe.yaml", f"adapter:\n  method: {method}\noutput_dir: {run}\n")
+    atomic_write_text(run / rundir.RECIPE, f"adapter:\n  method: {method}\noutput_dir: {run}\n")
     names = [f"model.layers.{i}.self_attn.{p}" for i in range(layers) for p in ("q_proj", "v_proj")]
     lines = []
     for step in range(2, steps + 1, 2):
@@ -78,10 +80,10 @@ def write_contract_run(
                 }
             )
         )
-    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run / rundir.METRICS).write_text("\n".join(lines) + "\n")
     now = time.time()
     atomic_write_json(
-        run / "status.json",
+        run / rundir.STATUS,
         {
             "state": state,
             "pid": None,
@@ -96,5 +98,5 @@ def write_contract_run(
         },
     )
     if accuracy is not None:
-        atomic_write_json(run / "eval.json", {"task": "gsm8k", "n": 20, "accuracy": accuracy, "predictions": []})
+        atomic_write_json(run / rundir.EVAL, {"task": "gsm8k", "n": 20, "accuracy": accuracy, "predictions": []})
     return run

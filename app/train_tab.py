@@ -7,13 +7,14 @@ import time
 
 import gradio as gr
 
+from qmoe import rundir
 from qmoe.config import METHODS
+from qmoe.recipe import RecipeError
 
 from .context import UIContext
 from .paths import UnsafePathError, list_recipes
 from .recipe_form import (
     FIELDS,
-    RecipeError,
     build_recipe,
     field_info,
     method_field_values,
@@ -122,7 +123,7 @@ def build_train_tab(ctx: UIContext) -> dict:
         launch_button = gr.Button("Launch training", variant="primary", elem_id="train-launch")
     message = gr.Markdown(elem_id="train-message")
     with gr.Accordion("Resolved recipe (what qmoe finetune will run)", open=False) as preview_box:
-        preview = gr.Code(language="yaml", label="recipe.yaml", elem_id="train-yaml", interactive=False)
+        preview = gr.Code(language="yaml", label=rundir.RECIPE, elem_id="train-yaml", interactive=False)
 
     gr.Markdown("### Runs")
     runs = gr.Dataframe(
@@ -142,73 +143,76 @@ def build_train_tab(ctx: UIContext) -> dict:
     )
 
     # ---- events ------------------------------------------------------------------------------------------
-    def load_recipe_fields(name):
+    def load_recipe_fields(name: str | None):
         try:
             _, values = recipe_form_values(name)
         except (RecipeError, UnsafePathError) as exc:
-            return [gr.skip()] * len(FIELDS) + [_refused(str(exc))]
+            return {message: _refused(str(exc))}
         method = values["adapter.method"]
-        updates = []
+        updates = {message: ""}
         for field in FIELDS:
             if field.key.startswith("adapter.") and field.key != "adapter.method":
                 name_ = field.key.split(".", 1)[1]
-                updates.append(
-                    gr.update(
-                        value=values[field.key], info=field_info(field.key, method), visible=method_uses(method, name_)
-                    )
+                update = gr.update(
+                    value=values[field.key], info=field_info(field.key, method), visible=method_uses(method, name_)
                 )
             elif field.key == "model.source":
-                updates.append(gr.update(value=values[field.key], choices=ctx.model_choices()))
+                update = gr.update(value=values[field.key], choices=ctx.model_choices())
             else:
-                updates.append(gr.update(value=values[field.key]))
-        return updates + [""]
+                update = gr.update(value=values[field.key])
+            updates[inputs[field.key]] = update
+        return updates
 
-    def change_method(name, method):
+    def change_method(name: str | None, method: str | None):
         if method not in METHODS or not name:
-            return [gr.skip()] * len(adapter_fields)
+            return gr.skip()
         values = method_field_values(name, method)
-        return [
-            gr.update(
+        return {
+            inputs[f.key]: gr.update(
                 value=values[f.key], visible=method_uses(method, f.key.split(".", 1)[1]), info=field_info(f.key, method)
             )
             for f in adapter_fields
-        ]
+        }
 
-    def preview_recipe(name, *values):
+    def preview_recipe(name: str | None, *values):
         try:
             _, text = build_recipe(
                 name, _form_dict(values), ctx.models_dir, str(ctx.runs.runs_dir / f"{name}-<launch time>-<id>")
             )
         except (RecipeError, UnsafePathError) as exc:
-            return _refused(str(exc)), gr.skip(), gr.skip()
-        return _ok("valid recipe"), text, gr.update(open=True)
+            return {message: _refused(str(exc))}
+        return {message: _ok("valid recipe"), preview: text, preview_box: gr.update(open=True)}
 
-    def launch(name, *values):
+    def launch(name: str | None, *values):
         form_values = _form_dict(values)
         try:
             build_recipe(name, form_values, ctx.models_dir, str(ctx.runs.runs_dir / "check"))
         except (RecipeError, UnsafePathError) as exc:
-            return _refused(str(exc)), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return {message: _refused(str(exc))}
         # the recipe names its own run directory, so create that first (unique even for simultaneous launches)
         run_dir = ctx.runs.new_run_dir(name)
         _, text = build_recipe(name, form_values, ctx.models_dir, str(run_dir))
         run_name = ctx.runs.launch_in(run_dir, text)
-        table = runs_table(ctx)
-        return (
-            _ok(f"launched **{run_name}**: follow it in the Monitor tab"),
-            text,
-            table,
-            gr.update(choices=ctx.runs.list_runs(), value=run_name),
-            run_name,
-        )
+        return {
+            message: _ok(f"launched **{run_name}**: follow it in the Monitor tab"),
+            preview: text,
+            runs: runs_table(ctx),
+            run_choice: gr.update(choices=ctx.runs.list_runs(), value=run_name),
+            launched_run: run_name,
+        }
 
-    def refresh_runs(selected, known):
+    def refresh_runs(selected: str | None, known: list[str]):
         choices = ctx.runs.list_runs()
-        tail = ctx.runs.log_tail(selected, 20) if selected in choices else ""
-        # only touch the dropdown when the list changed (an update closes it under the user's pointer)
-        return runs_table(ctx), (gr.skip() if choices == known else gr.update(choices=choices)), tail, choices
+        updates = {
+            runs: runs_table(ctx),
+            log_tail: ctx.runs.log_tail(selected, 20) if selected in choices else "",
+            known_runs: choices,
+        }
+        if choices != known:  # only touch the dropdown when the list changed (an update closes it under the pointer)
+            updates[run_choice] = gr.update(choices=choices)
+        return updates
 
-    def stop(selected):
+    def stop(selected: str | None) -> str:
         if not selected:
             return "choose a run to stop"
         try:

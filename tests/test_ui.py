@@ -24,6 +24,7 @@ from app.paths import UnsafePathError, resolve_model_source, safe_child  # noqa:
 from app.recipe_form import FIELD_KEYS, recipe_form_values  # noqa: E402
 from app.runs import RunManager  # noqa: E402
 from app.testing import serving, write_contract_run  # noqa: E402
+from qmoe import rundir  # noqa: E402
 from qmoe.recipe import RecipeError, apply_overrides, read_recipe_file, validate_recipe  # noqa: E402
 
 
@@ -123,7 +124,7 @@ def test_two_simultaneous_launches_get_separate_directories_and_failures_show_th
     assert len(set(names)) == 2
     for name in names:
         run_dir = ctx.runs.run_dir(name)
-        recipe = read_recipe_file(run_dir / "recipe.yaml")
+        recipe = read_recipe_file(run_dir / rundir.RECIPE)
         assert recipe["output_dir"] == str(run_dir) and recipe["model"]["source"] == "nobody/no-such-model"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -139,8 +140,11 @@ def test_two_simultaneous_launches_get_separate_directories_and_failures_show_th
 
 FAKE_TRAINER = textwrap.dedent("""\
     #!{python}
-    # stands in for `python -m qmoe.cli finetune RUN`: behaves as told by the run folder's name
+    # stands in for `python -m qmoe finetune RUN` (the UI's command with this file as the interpreter):
+    # behaves as told by the run folder's name
     import json, os, subprocess, sys, time
+    if sys.argv[1:-1] != ["-m", "qmoe", "finetune"]:
+        sys.exit(f"not launched as `python -m qmoe finetune RUN`: {{sys.argv}}")
     run = sys.argv[-1]
     if run.rstrip("/").split("/")[-1].startswith("crash"):
         print("loading model ...", flush=True)
@@ -149,7 +153,7 @@ FAKE_TRAINER = textwrap.dedent("""\
     child = subprocess.Popen(["sleep", "120"])  # a grandchild: Stop must reach the whole group
     open(os.path.join(run, "child.pid"), "w").write(str(child.pid))
     json.dump({{"state": "running", "pid": os.getpid(), "step": 1, "max_steps": 10, "method": "moelora"}},
-              open(os.path.join(run, "status.json"), "w"))
+              open(os.path.join(run, "{status}"), "w"))
     time.sleep(120)
     """)
 
@@ -157,7 +161,7 @@ FAKE_TRAINER = textwrap.dedent("""\
 @pytest.fixture
 def fake_runs(tmp_path):
     script = tmp_path / "fake-python"
-    script.write_text(FAKE_TRAINER.format(python=sys.executable))
+    script.write_text(FAKE_TRAINER.format(python=sys.executable, status=rundir.STATUS))
     script.chmod(0o755)
     return RunManager(tmp_path / "runs", python=str(script))
 
@@ -333,4 +337,4 @@ def test_stop_from_the_ui_makes_the_real_pipeline_checkpoint_and_report_stopped(
     assert runs.status(name)["state"] in ("stopping", "stopped")
     assert _wait(lambda: runs.status(name)["state"] == "stopped", timeout=120), runs.log_tail(name)
     assert "--resume" in runs.status(name)["error"]
-    assert any((run_dir / "checkpoints").iterdir())
+    assert any((run_dir / rundir.CHECKPOINTS).iterdir())
