@@ -45,7 +45,6 @@ class Routing:
     layers: list[str] = field(default_factory=list)
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     method: str | None = None
-    prompt_tokens: int = 0
 
 
 class ChatModels:
@@ -103,7 +102,7 @@ def collect_routing(loaded: LoadedModel, prompt_ids: list[int], generated: list[
     never fed back and has no row."""
     tokenizer = loaded.chat.tokenizer
     texts = [tokenizer.decode([t], skip_special_tokens=False) for t in prompt_ids] + list(generated)
-    routing = Routing(tokens=texts, method=loaded.method, prompt_tokens=len(prompt_ids))
+    routing = Routing(tokens=texts, method=loaded.method)
     if loaded.method is None:
         return routing
     for layer, info in qmoe.routing(loaded.chat.model).items():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +22,7 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and not isinstance(module, AdapterLayer)
 
 
-def _matches(name: str, targets) -> bool:
+def _matches(name: str, targets: str | Sequence[str]) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -28,7 +30,7 @@ def _matches(name: str, targets) -> bool:
 
 def _output_layer_names(model: nn.Module) -> set[str]:
     """The LM head (never adapted by 'all-linear', as in PEFT)."""
-    names = set()
+    names: set[str] = set()
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     for name, module in model.named_modules():
@@ -62,7 +64,7 @@ def target_names(model: nn.Module, config: AdapterConfig) -> list[str]:
     return [n for n in linear if _matches(n, targets)]
 
 
-def _capture_mask(module, args, kwargs):
+def _capture_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     ctx: AdapterContext = getattr(module, _CONTEXT_ATTR)
     mask = kwargs.get("attention_mask")
     ctx.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
@@ -139,7 +141,7 @@ def aux_loss_parts(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unweighted per-name auxiliary losses of the last training forward, averaged over layers."""
     sums: dict[str, list[torch.Tensor]] = {}
     for layer in adapter_layers(model).values():
-        for name, value in layer.aux.items():
+        for name, value in layer.aux_losses().items():
             sums.setdefault(name, []).append(value)
     return {name: torch.stack([v.float() for v in values]).mean() for name, values in sums.items()}
 

@@ -4,7 +4,7 @@
     -> :class:`ChatModel`. ``path`` is a run directory (its recipe names the base model and its ``adapter/``
     is loaded), an adapter folder (base model from ``base_source`` or the folder's
     ``base_model_name_or_path``), or None for the base model alone (``base_source``, default the builtin
-    SmolLM2). Raises ``qmoe.cli.UsageError`` with one line when something cannot be loaded.
+    SmolLM2). Raises ``qmoe.errors.UsageError`` with one line when something cannot be loaded.
 
 ``stream_reply(chat_model, messages, max_new_tokens=256, temperature=0.0, trace=False)``
     -> iterator of events. ``{"text": piece}`` while generating (a TextIteratorStreamer feeds it), then one
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import UsageError
+from .errors import UsageError
+from .routing import top_experts as top_experts  # part of this module's API (see the docstring); one definition
 
 DEFAULT_SOURCE = "builtin:smollm2-135m-instruct"
 
@@ -39,9 +40,10 @@ class ChatModel:
     routed_layers: list[str] = field(default_factory=list)
 
 
-def resolve_adapter(path: str | Path | None, base_source: str | None = None):
+def resolve_adapter(path: str | Path | None, base_source: str | None = None) -> tuple[str, str, str, Path | None]:
     """(base source, quantization, compute dtype, adapter dir or None) for a run dir, adapter dir or None."""
     from .recipe import load_recipe
+    from .rundir import ADAPTER, RECIPE
     from .serialization import AdapterError, read_adapter_config
 
     if path is None:
@@ -49,11 +51,11 @@ def resolve_adapter(path: str | Path | None, base_source: str | None = None):
     path = Path(path)
     if not path.exists():
         raise UsageError(f"not found: {path}")
-    if (path / "recipe.yaml").is_file():
+    if (path / RECIPE).is_file():
         recipe = load_recipe(path)
-        adapter = path / "adapter"
+        adapter = path / ADAPTER
         if not adapter.is_dir():
-            raise UsageError(f"{path} has no adapter/ yet (training not finished?)")
+            raise UsageError(f"{path} has no {ADAPTER}/ yet (training not finished?)")
         return base_source or recipe.model.source, recipe.model.quantization, recipe.model.compute_dtype, adapter
     try:
         _, _, raw = read_adapter_config(path)
@@ -149,11 +151,3 @@ def stream_reply(
             if rows:
                 per_layer[name] = torch.stack(rows)[: len(tokens)].float().cpu()
     yield {"done": True, "text": "".join(pieces), "tokens": tokens, "routing": per_layer}
-
-
-def top_experts(weights: torch.Tensor, top: int = 2) -> list[list[tuple[int, float]]]:
-    values, ids = weights.topk(min(top, weights.shape[-1]), dim=-1)
-    return [
-        [(int(i), float(v)) for i, v in zip(r_ids, r_vals, strict=True)]
-        for r_ids, r_vals in zip(ids, values, strict=True)
-    ]

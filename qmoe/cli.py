@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 from qmoe.errors import UsageError  # absolute: the same class when this file runs as __main__
@@ -17,12 +18,19 @@ COMMANDS = {
     "bench": ("qmoe.commands.bench", "benchmark adapter layers and training steps against PEFT LoRA"),
     "compare": ("qmoe.commands.compare", "train and evaluate several recipes, write RESULTS.md"),
     "ui": ("qmoe.commands.ui", "start the Gradio web UI"),
+    "doctor": ("qmoe.commands.doctor", "check this machine: GPU, 4-bit, kernels, versions, model, data, disk"),
 }
 
 
 def qmoe_command(*args: str) -> list[str]:
     """argv that runs ``qmoe ARGS`` in a subprocess with this interpreter (the one way qmoe launches itself)."""
     return [sys.executable, "-m", "qmoe", *args]
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``qmoe ...`` command that produced ``args``, as typed (:func:`main` records it), for result files:
+    taken from the argv itself, so it never drifts from the options a command has."""
+    return shlex.join(["qmoe", *getattr(args, "argv", [args.command])])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

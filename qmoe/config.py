@@ -6,7 +6,7 @@ Fields left as ``None`` take the method's paper default (see ``qmoe/tuners/<meth
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -37,7 +37,9 @@ class AdapterConfig(BaseModel):
     balance_loss_weight: float | None = Field(None, description="weight of the load-balancing loss (moelora)")
     contrastive_loss_weight: float | None = Field(None, description="weight of the expert contrastive loss (moelora)")
     contrastive_temperature: float | None = Field(None, description="temperature tau of the contrastive loss (moelora)")
-    contrastive_queue_size: int | None = Field(None, description="recent outputs kept per expert (moelora)")
+    contrastive_queue_size: int | None = Field(
+        None, description="recent anchors kept per expert as rank vectors, the loss's keys (moelora)"
+    )
     contrastive_samples: int | None = Field(None, description="tokens per layer per step used as contrastive anchors")
     composition_scale: Literal["rank", "paper"] | None = Field(
         None, description="loracoe: 'rank' multiplies rank weights by r so uniform routing equals the warm-up LoRA"
@@ -58,11 +60,11 @@ class AdapterConfig(BaseModel):
     def scale(self) -> float:
         return float(self.alpha) / float(self.r)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
-def _fail(field: str, value, valid: str) -> None:
+def _fail(field: str, value: object, valid: str) -> NoReturn:
     raise ValueError(f"AdapterConfig.{field}={value!r} is invalid: {valid}")
 
 

@@ -12,10 +12,16 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .cli import UsageError
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .recipe import DataSection
 
 log = logging.getLogger("qmoe")
 
@@ -185,7 +191,7 @@ def load_gsm8k(split: str, path: str | None = None, limit: int | None = None, se
 # ------------------------------------------------------------------------------------------- LLM-Adapters
 
 
-def llm_adapters_record(record: dict, path, index: int) -> dict:
+def llm_adapters_record(record: dict, path: str | Path, index: int) -> dict:
     instruction = _require(record, "instruction", path, index)
     extra = str(record.get("input") or "").strip()
     prompt = f"{instruction.strip()}\n\n{extra}" if extra else instruction.strip()
@@ -239,7 +245,7 @@ def load_jsonl_pairs(path: str | None, prompt_field: str, answer_field: str, lim
 # ------------------------------------------------------------------------------------------- dispatch
 
 
-def load_train_records(data) -> list[dict]:
+def load_train_records(data: DataSection) -> list[dict]:
     """Training records for a recipe's ``data`` section."""
     if data.task == "gsm8k":
         return load_gsm8k("train", data.path, data.limit)
@@ -265,7 +271,9 @@ def resolve_eval_task(task: str) -> tuple[str, str]:
     return "exact", name  # jsonl and unknown test files: normalised exact match (numbers compared as numbers)
 
 
-def load_test_records(task: str, path: str | None = None, limit: int | None = None, data=None) -> list[dict]:
+def load_test_records(
+    task: str, path: str | None = None, limit: int | None = None, data: DataSection | None = None
+) -> list[dict]:
     """Test records for ``task``: gsm8k, commonsense, jsonl, an LLM-Adapters task name, or a test file path."""
     if task.endswith((".json", ".jsonl")) and path is None:
         path = task
@@ -297,7 +305,7 @@ def apply_prompt_template(records: list[dict], template: str) -> list[dict]:
     return [{**r, "prompt": template.replace("{prompt}", r["prompt"])} for r in records]
 
 
-def chat_prompt(tokenizer, prompt: str, system_prompt: str | None = None) -> str:
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: str | None = None) -> str:
     """The prompt rendered through the tokenizer's chat template, ending where the assistant answer starts."""
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": prompt}
@@ -305,7 +313,9 @@ def chat_prompt(tokenizer, prompt: str, system_prompt: str | None = None) -> str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def tokenize_example(tokenizer, record: dict, max_length: int, system_prompt: str | None = None) -> dict | None:
+def tokenize_example(
+    tokenizer: PreTrainedTokenizerBase, record: dict, max_length: int, system_prompt: str | None = None
+) -> dict | None:
     """input_ids/labels with labels -100 on the prompt; None when truncation leaves no answer token."""
     prompt_ids = tokenizer(chat_prompt(tokenizer, record["prompt"], system_prompt), add_special_tokens=False)[
         "input_ids"
@@ -318,7 +328,9 @@ def tokenize_example(tokenizer, record: dict, max_length: int, system_prompt: st
     return {"input_ids": input_ids, "labels": labels}
 
 
-def tokenize_records(tokenizer, records: list[dict], max_length: int, system_prompt: str | None = None) -> list[dict]:
+def tokenize_records(
+    tokenizer: PreTrainedTokenizerBase, records: list[dict], max_length: int, system_prompt: str | None = None
+) -> list[dict]:
     out = [t for t in (tokenize_example(tokenizer, r, max_length, system_prompt) for r in records) if t is not None]
     dropped = len(records) - len(out)
     if dropped:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -12,11 +14,22 @@ from .answers import score
 from .data import apply_prompt_template, chat_prompt, load_test_records, resolve_eval_task
 from .io import atomic_write_json
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .recipe import DataSection
+
 log = logging.getLogger("qmoe")
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, system_prompt: str | None = None) -> list[str]:
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    system_prompt: str | None = None,
+) -> list[str]:
     """Greedy completions of user ``prompts`` (chat template applied), left-padded as one batch."""
     texts = [chat_prompt(tokenizer, p, system_prompt) for p in prompts]
     side = tokenizer.padding_side
@@ -47,8 +60,8 @@ class EvaluationStopped(Exception):
 
 
 def evaluate_records(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     records: list[dict],
     kind: str,
     *,
@@ -57,7 +70,7 @@ def evaluate_records(
     max_new_tokens: int = 256,
     system_prompt: str | None = None,
     progress: bool = True,
-    should_stop=None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Generate for every record and score it; the eval.json payload. ``should_stop()`` is checked
     between batches (a stop request during the final evaluation of a run)."""
@@ -102,8 +115,8 @@ def evaluate_records(
 
 
 def run_evaluation(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     task: str,
     path: str | None,
@@ -111,10 +124,10 @@ def run_evaluation(
     batch_size: int,
     max_new_tokens: int,
     system_prompt: str | None = None,
-    data_section=None,
+    data_section: DataSection | None = None,
     out_file: Path | None = None,
     extra: dict | None = None,
-    should_stop=None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Load the test set of ``task``, evaluate, and write ``out_file`` atomically when given."""
     kind, name = resolve_eval_task(task)

@@ -13,10 +13,14 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .cli import UsageError
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger("qmoe")
 
@@ -130,7 +134,7 @@ def pick_dtype(compute_dtype: str, device: str) -> torch.dtype:
     return getattr(torch, compute_dtype)
 
 
-def load_tokenizer(path_or_id: str):
+def load_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path_or_id)
@@ -141,7 +145,9 @@ def load_tokenizer(path_or_id: str):
     return tokenizer
 
 
-def load_base_model(source: str, quantization: str = "nf4", compute_dtype: str = "auto", device: str = "auto"):
+def load_base_model(
+    source: str, quantization: str = "nf4", compute_dtype: str = "auto", device: str = "auto"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """(model, tokenizer, device) with the backbone frozen in ``quantization`` (nf4 | fp4 | none)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -13,21 +13,38 @@ import logging
 import math
 import os
 import shutil
-import signal
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-from .cli import UsageError
 from .config import AdapterConfig
+from .errors import UsageError
 from .io import atomic_write_json, atomic_write_text, replace_dir
-from .recipe import Recipe, dump_recipe
-from .rundir import ADAPTER, CHECKPOINTS, EVAL, LOG, RECIPE, MetricsLog, RunLock, StatusFile, prepare_run_dir
+from .recipe import Recipe, Stage, dump_recipe
+from .rundir import (
+    ADAPTER,
+    CHECKPOINTS,
+    EVAL,
+    LOG,
+    RECIPE,
+    REPLACED_PREFIX,
+    STAGE_DONE,
+    STAGING_PREFIX,
+    MetricsLog,
+    RunLock,
+    StatusFile,
+    prepare_run_dir,
+)
+
+if TYPE_CHECKING:  # imported lazily below: transformers is slow to import
+    from transformers import TrainingArguments
+
+    from .callbacks import StopRequest
 
 log = logging.getLogger("qmoe")
 
-STAGE_DONE_FILE = "stage_done.json"
 OOM_ADVICE = (
     "lower train.batch_size (raise train.gradient_accumulation to keep the effective batch), lower "
     "data.max_length, or set model.gradient_checkpointing=true"
@@ -35,15 +52,17 @@ OOM_ADVICE = (
 
 
 def setup_logging(log_file: Path | None) -> list[logging.Handler]:
-    """qmoe's log to stderr and (appending) to train.log; returns the handlers to remove afterwards."""
+    """qmoe's log to stderr (through the progress bar) and (appending) to train.log; returns the handlers to
+    remove afterwards."""
+    from .callbacks import ConsoleHandler
+
     log.setLevel(logging.INFO)
     log.propagate = False
     handlers: list[logging.Handler] = []
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    if not any(getattr(h, "_qmoe_console", False) for h in log.handlers):
-        console = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, ConsoleHandler) for h in log.handlers):
+        console = ConsoleHandler()
         console.setFormatter(fmt)
-        console._qmoe_console = True
         log.addHandler(console)
         handlers.append(console)
     if log_file is not None:
@@ -54,13 +73,14 @@ def setup_logging(log_file: Path | None) -> list[logging.Handler]:
     return handlers
 
 
-def stage_roots(checkpoints: Path, plan: list) -> list[Path]:
+def stage_roots(checkpoints: Path, plan: list[Stage | None]) -> list[Path]:
+    """The checkpoints folder of each stage: ``checkpoints/`` itself, or ``checkpoints/<i>-<stage>/``."""
     if len(plan) == 1:
         return [checkpoints]
     return [checkpoints / f"{i + 1}-{stage.stage}" for i, stage in enumerate(plan)]
 
 
-def planned_steps(recipe: Recipe, stage, n_examples: int) -> int:
+def planned_steps(recipe: Recipe, stage: Stage | None, n_examples: int) -> int:
     """Optimizer steps of a stage, computed as Trainer does: its own max_steps, else its own epochs, else the
     train section's max_steps, else the train section's epochs."""
     train = recipe.train
@@ -74,7 +94,9 @@ def planned_steps(recipe: Recipe, stage, n_examples: int) -> int:
     return math.ceil(epochs * per_epoch)
 
 
-def training_arguments(recipe: Recipe, stage, root: Path, device: str, n_examples: int):
+def training_arguments(
+    recipe: Recipe, stage: Stage | None, root: Path, device: str, n_examples: int
+) -> TrainingArguments:
     from transformers import TrainingArguments
 
     train = recipe.train
@@ -103,12 +125,12 @@ def training_arguments(recipe: Recipe, stage, root: Path, device: str, n_example
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda",
-        disable_tqdm=False,
+        disable_tqdm=False,  # qmoe.callbacks.ProgressBar draws the bar (Trainer's own printers are removed)
     )
 
 
 def _read_stage_done(root: Path) -> dict | None:
-    path = root / STAGE_DONE_FILE
+    path = root / STAGE_DONE
     if not path.is_file():
         return None
     try:
@@ -117,10 +139,10 @@ def _read_stage_done(root: Path) -> dict | None:
         return None  # torn write cannot happen (atomic), but a damaged file only means "redo the stage"
 
 
-def find_resume_point(roots: list[Path]):
+def find_resume_point(roots: list[Path]) -> tuple[int, int, Path | None, Path | None]:
     """(stage index to run next, global step offset, checkpoint to resume inside that stage or None,
     checkpoint of the last finished stage or None)."""
-    from .trainer import complete_checkpoints
+    from .checkpoints import complete_checkpoints
 
     offset, finished = 0, None
     for index, root in enumerate(roots):
@@ -134,12 +156,12 @@ def find_resume_point(roots: list[Path]):
     return len(roots), offset, None, finished
 
 
-def save_final_adapter(model, run_dir: Path) -> Path:
+def save_final_adapter(model: nn.Module, run_dir: Path) -> Path:
     """adapter/ replaced as a whole: written to a staging folder, then renamed."""
     from .serialization import save_adapter
 
     final = run_dir / ADAPTER
-    staging = run_dir / f".staging-adapter-{os.getpid()}"
+    staging = run_dir / f"{STAGING_PREFIX}{ADAPTER}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_adapter(model, staging)
@@ -150,28 +172,11 @@ def save_final_adapter(model, run_dir: Path) -> Path:
     return final
 
 
-def _install_signal_handlers(stop):
-    previous = {}
-
-    def handler(signum, frame):
-        if stop.signal_name is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        stop.signal_name = signal.Signals(signum).name
-        stop.signum = signum
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. called from a UI worker): no handlers
-            pass
-    return previous
-
-
 def last_good_checkpoint(run_dir: Path) -> Path | None:
-    from .trainer import complete_checkpoints
+    from .checkpoints import CHECKPOINT_PREFIX, complete_checkpoints
 
     roots = [run_dir / CHECKPOINTS] + sorted(
-        p for p in (run_dir / CHECKPOINTS).glob("*-*") if p.is_dir() and not p.name.startswith((".", "checkpoint-"))
+        p for p in (run_dir / CHECKPOINTS).glob("*-*") if p.is_dir() and not p.name.startswith((".", CHECKPOINT_PREFIX))
     )
     found = [c for root in roots for c in complete_checkpoints(root)]
     return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
@@ -180,10 +185,10 @@ def last_good_checkpoint(run_dir: Path) -> Path | None:
 def remove_stale_staging(run_dir: Path) -> None:
     """Staging folders of a process killed while saving: never complete, safe to delete under the run lock."""
     for path in [
-        *run_dir.glob(".staging-*"),
-        *run_dir.glob(".old-*"),
-        *(run_dir / CHECKPOINTS).rglob(".staging-*"),
-        *(run_dir / CHECKPOINTS).rglob(".old-*"),
+        *run_dir.glob(f"{STAGING_PREFIX}*"),
+        *run_dir.glob(f"{REPLACED_PREFIX}*"),
+        *(run_dir / CHECKPOINTS).rglob(f"{STAGING_PREFIX}*"),
+        *(run_dir / CHECKPOINTS).rglob(f"{REPLACED_PREFIX}*"),
     ]:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -213,10 +218,11 @@ def run_finetune(
         handlers = setup_logging(run_dir / LOG)
         status = StatusFile(run_dir, recipe.adapter.method)
         status.update()
-        from .trainer import NonFiniteLoss, StopRequest
+        from .callbacks import StopRequest, install_signal_handlers, restore_signal_handlers
+        from .trainer import NonFiniteLoss
 
         stop = StopRequest()
-        previous = _install_signal_handlers(stop)
+        previous = install_signal_handlers(stop)
         try:
             code = _train_and_evaluate(recipe, run_dir, status, stop, resume=resume, run_eval=run_eval)
             return code
@@ -244,22 +250,24 @@ def run_finetune(
                 log.exception("training failed")
             raise
         finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+            restore_signal_handlers(previous)
             for h in handlers:
                 log.removeHandler(h)
                 h.close()
 
 
 def _train_and_evaluate(
-    recipe: Recipe, run_dir: Path, status: StatusFile, stop, *, resume: bool, run_eval: bool
+    recipe: Recipe, run_dir: Path, status: StatusFile, stop: StopRequest, *, resume: bool, run_eval: bool
 ) -> int:
     from transformers import set_seed
 
     from . import adapter_parameters, attach, set_stage
+    from .callbacks import MetricsCallback, ProgressBar
+    from .checkpoints import checkpoint_dir, load_checkpoint, read_marker, verify_checkpoint
     from .data import PadCollator, apply_prompt_template, load_train_records, tokenize_records
+    from .hf_private import mark_adapters_attached
     from .models import load_base_model
-    from .trainer import MetricsCallback, QmoeTrainer, load_queues, verify_checkpoint
+    from .trainer import QmoeTrainer
 
     log.info("run directory: %s", run_dir)
     set_seed(recipe.train.seed)  # before attach: adapter init is part of the reproducible run
@@ -274,8 +282,7 @@ def _train_and_evaluate(
     if recipe.model.gradient_checkpointing:
         # non-reentrant: the adapters' auxiliary losses are computed inside the checkpointed blocks
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    # Trainer refuses "purely quantized" models; this flag is how it learns trainable adapters are attached
-    model._hf_peft_config_loaded = True
+    mark_adapters_attached(model)  # else Trainer refuses a "purely quantized" model
     log.info(
         "model %s (%s, %s) on %s; %s adapter with %d parameters",
         recipe.model.source,
@@ -306,7 +313,7 @@ def _train_and_evaluate(
         resumed_step = offset
         if resume_checkpoint is not None:
             verify_checkpoint(resume_checkpoint)
-            resumed_step += json.loads((resume_checkpoint / "qmoe_checkpoint.json").read_text())["step"]
+            resumed_step += read_marker(resume_checkpoint)["step"]
             log.info("resuming from %s (step %d)", resume_checkpoint, resumed_step)
         elif start == 0:
             log.info("no complete checkpoint found in %s: starting from step 0", run_dir / CHECKPOINTS)
@@ -321,18 +328,16 @@ def _train_and_evaluate(
         if stage is not None:
             set_stage(model, stage.stage)
         if resume_checkpoint is None and finished is not None:  # a new stage continues from the previous one
-            from .serialization import load_adapter
-
-            load_adapter(model, finished)
-            load_queues(model, finished)
+            load_checkpoint(model, finished)
         stage_name = stage.stage if stage is not None else config.stage if config.method == "loracoe" else None
-        callback = MetricsCallback(metrics, status, stop, device, total_steps_after=sum(estimates[index + 1 :]))
+        steps_after = sum(estimates[index + 1 :])
+        callback = MetricsCallback(metrics, status, stop, device, total_steps_after=steps_after)
         trainer = QmoeTrainer(
             model=model,
             args=training_arguments(recipe, stage, roots[index], device, len(train_set)),
             train_dataset=train_set,
             data_collator=PadCollator(tokenizer.pad_token_id),
-            callbacks=[callback],
+            callbacks=[callback, ProgressBar(offset, steps_after, stage_name)],
             stage=stage_name,
             step_offset=offset,
             keep_checkpoints=recipe.train.keep_checkpoints,
@@ -344,9 +349,9 @@ def _train_and_evaluate(
         if stop.signal_name is not None:
             break
         steps = trainer.state.global_step
-        atomic_write_json(roots[index] / STAGE_DONE_FILE, {"steps": steps, "checkpoint": f"checkpoint-{steps}"})
+        finished = checkpoint_dir(roots[index], steps)
+        atomic_write_json(roots[index] / STAGE_DONE, {"steps": steps, "checkpoint": finished.name})
         offset += steps
-        finished = roots[index] / f"checkpoint-{steps}"
         resume_checkpoint = None
 
     if stop.signal_name is not None:
@@ -361,7 +366,11 @@ def _train_and_evaluate(
         load_adapter(model, finished)
     adapter_dir = save_final_adapter(model, run_dir)
     log.info("adapter saved: %s", adapter_dir)
-    status.update(step=offset)
+    from .kernels import backends_used
+
+    kernel_backend = backends_used().get(config.method, "torch")  # what the training steps ran; lora: torch
+    log.info("kernel backend of %s: %s", config.method, kernel_backend)
+    status.update(step=offset, kernel_backend=kernel_backend)
 
     if run_eval and recipe.eval.enabled:
         from .evaluation import EvaluationStopped, run_evaluation

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .cli import UsageError
 from .config import AdapterConfig
+from .errors import UsageError
+from .rundir import RECIPE
 
 BUILTIN_MODELS = ("builtin:smollm2-135m-instruct",)
 
@@ -241,7 +243,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(recipe_dict: dict, overrides) -> dict:
+def apply_overrides(recipe_dict: dict, overrides: Iterable[str] | None) -> dict:
     """A copy of ``recipe_dict`` with ``section.key=value`` overrides applied (values parsed as YAML).
 
     Keys are checked against the schema, so a typo fails here with a suggestion rather than being ignored.
@@ -277,9 +279,9 @@ def read_recipe_file(path: str | os.PathLike) -> dict:
     """The raw mapping of a recipe YAML file; a run directory means its ``recipe.yaml``."""
     path = Path(path)
     if path.is_dir():
-        if not (path / "recipe.yaml").is_file():
-            raise RecipeError(f"{path} is a folder without recipe.yaml (give a recipe file or a run directory)")
-        path = path / "recipe.yaml"
+        if not (path / RECIPE).is_file():
+            raise RecipeError(f"{path} is a folder without {RECIPE} (give a recipe file or a run directory)")
+        path = path / RECIPE
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
@@ -298,7 +300,7 @@ def read_recipe_file(path: str | os.PathLike) -> dict:
     return data
 
 
-def load_recipe(path: str | os.PathLike, overrides=()) -> Recipe:
+def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
     """Read, override and validate a recipe file (or a run directory's recipe.yaml)."""
     data = read_recipe_file(path)
     try:

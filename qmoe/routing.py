@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -43,7 +44,7 @@ def set_tracing(model: nn.Module, enabled: bool) -> None:
 
 
 @contextmanager
-def trace_routing(model: nn.Module):
+def trace_routing(model: nn.Module) -> Iterator[nn.Module]:
     """``with qmoe.trace_routing(model): model.generate(...)`` then read ``qmoe.routing(model)[..]['trace']``."""
     set_tracing(model, True)
     try:
@@ -56,10 +57,13 @@ def token_routing(model: nn.Module, layer: str, top: int = 2) -> list[list[tuple
     """Per token (concatenated over traced forwards, batch size 1), the ``top`` (expert, weight) pairs at
     ``layer``: the routing each generated token actually took."""
     traces = routing(model)[layer]["trace"]
-    if not traces:
-        return []
-    weights = torch.cat(traces)
-    vals, ids = weights.topk(min(top, weights.shape[-1]), dim=-1)
+    return top_experts(torch.cat(traces), top) if traces else []
+
+
+def top_experts(weights: torch.Tensor, top: int = 2) -> list[list[tuple[int, float]]]:
+    """Per row of dense routing weights [tokens, experts], the ``top`` (expert, weight) pairs, heaviest first."""
+    values, ids = weights.topk(min(top, weights.shape[-1]), dim=-1)
     return [
-        [(int(i), float(v)) for i, v in zip(row_i, row_v, strict=True)] for row_i, row_v in zip(ids, vals, strict=True)
+        [(int(i), float(v)) for i, v in zip(r_ids, r_vals, strict=True)]
+        for r_ids, r_vals in zip(ids, values, strict=True)
     ]

@@ -2,7 +2,9 @@
 
 ``recipe.yaml`` (resolved recipe), ``status.json`` (state of the run, rewritten atomically), ``metrics.jsonl``
 (one JSON object per logging step, appended line by line), ``train.log``, ``checkpoints/``, ``adapter/``
-(final adapter) and ``eval.json``.
+(final adapter) and ``eval.json`` (``eval-base.json``, ``eval-<task>.json``: see :func:`eval_file_name`).
+Every module names these files through the constants below. What is inside a ``checkpoint-N/`` folder is
+``qmoe.checkpoints``' business.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .cli import UsageError
+from .errors import UsageError
 from .io import atomic_write_json, atomic_write_text, fsync_dir, read_jsonl
 
 RECIPE = "recipe.yaml"
@@ -27,6 +29,18 @@ ADAPTER = "adapter"
 EVAL = "eval.json"
 LOCK = ".lock"
 RESULTS = (METRICS, CHECKPOINTS, ADAPTER, EVAL)  # anything here means the directory holds a run's results
+STAGE_DONE = "stage_done.json"  # in checkpoints/<i>-<stage>/: that stage finished, and its last checkpoint
+# folders being written (renamed into place when complete) and folders being replaced (qmoe.io.replace_dir);
+# left behind only by a killed process, deleted on --resume
+STAGING_PREFIX = ".staging-"
+REPLACED_PREFIX = ".old-"
+
+
+def eval_file_name(task: str | None = None, *, base: bool = False) -> str:
+    """``eval.json`` for the run's own eval task, ``eval-<task>.json`` for another test set (``task`` is its
+    short name, e.g. SVAMP or boolq), with ``-base`` before ``.json`` for the base model alone."""
+    stem = Path(EVAL).stem if task is None else f"{Path(EVAL).stem}-{task}"
+    return f"{stem}-base.json" if base else f"{stem}.json"
 
 
 def now() -> str:
@@ -73,7 +87,7 @@ class RunLock:
         self.handle.flush()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.handle is not None:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
@@ -81,7 +95,7 @@ class RunLock:
 
 class StatusFile:
     """``status.json``: state running|finished|failed|stopped, pid, started, updated, step, max_steps,
-    stage, error, trainable_parameters, method. Every update rewrites it atomically."""
+    stage, error, trainable_parameters, method, kernel_backend. Every update rewrites it atomically."""
 
     def __init__(self, run_dir: Path, method: str, max_steps: int | None = None):
         self.path = run_dir / STATUS
@@ -98,7 +112,7 @@ class StatusFile:
             "method": method,
         }
 
-    def update(self, **fields) -> None:
+    def update(self, **fields: object) -> None:
         self.data.update(fields)
         self.data["updated"] = now()
         atomic_write_json(self.path, self.data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -20,6 +21,7 @@ from torch import nn
 from .attach import adapter_config, adapter_layers, attach
 from .config import AdapterConfig
 from .io import atomic_write_bytes, atomic_write_json
+from .tuners.base import AdapterLayer
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -32,7 +34,7 @@ class AdapterError(ValueError):
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = {}
+    state: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model).items():
         for param in layer.adapter_param_names:
             state[f"{name}.{param}"] = getattr(layer, param).detach().to("cpu").contiguous()
@@ -66,7 +68,7 @@ def _base_name(model: nn.Module) -> str | None:
     return getattr(cfg, "_name_or_path", None) or None
 
 
-def _peft_config_dict(model: nn.Module, config: AdapterConfig) -> dict:
+def _peft_config_dict(model: nn.Module, config: AdapterConfig) -> dict[str, Any]:
     from peft import LoraConfig
 
     names = list(adapter_layers(model))
@@ -87,7 +89,7 @@ def _peft_config_dict(model: nn.Module, config: AdapterConfig) -> dict:
     return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 
 
-def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig, bool, dict]:
+def read_adapter_config(directory: str | Path) -> tuple[AdapterConfig, bool, dict[str, Any]]:
     """(config, is_peft_only, raw json) of an adapter folder; AdapterError naming the file when unusable."""
     directory = Path(directory)
     path = directory / CONFIG_FILE
@@ -170,7 +172,13 @@ def _copy_into(param: torch.Tensor, value: torch.Tensor, key: str, path: Path) -
         param.copy_(value.to(param.dtype))
 
 
-def _load_peft(layers, current: AdapterConfig, raw: dict, state: dict, directory: Path) -> None:
+def _load_peft(
+    layers: dict[str, AdapterLayer],
+    current: AdapterConfig,
+    raw: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    directory: Path,
+) -> None:
     if current.method not in ("lora", "loracoe"):
         raise AdapterError(f"a PEFT LoRA adapter can load into lora or loracoe models, not {current.method}")
     r = raw["r"]

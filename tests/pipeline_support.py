@@ -119,16 +119,20 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 QMOE = [sys.executable, "-c", "import sys; from qmoe.cli import main; sys.exit(main())"]
 
 
+def _child_env(env: dict | None) -> dict:
+    """The environment of a qmoe subprocess: offline, no progress bars; ``env`` adds to it (None removes)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})}
+    return {k: v for k, v in full_env.items() if v is not None}
+
+
 def qmoe_cli(*args, timeout: float = 300, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
     """Run the ``qmoe`` command in a fresh interpreter (the CLI contract: exit status, one-line errors)."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})}
     return subprocess.run(
-        [*QMOE, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=full_env, **popen
+        [*QMOE, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=_child_env(env), **popen
     )
 
 
 def qmoe_popen(*args, env: dict | None = None) -> subprocess.Popen:
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})}
     return subprocess.Popen(
-        [*QMOE, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env
+        [*QMOE, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(env)
     )

@@ -227,7 +227,7 @@ def test_gradient_checkpointing_gives_identical_loss_and_grads(tiny_4bit, method
         randomize_b(model)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # two steps so MoELoRA's contrastive queue is non-empty on the second one
         _loss_and_grads(model, ids, mask)
         results.append(_loss_and_grads(model, ids, mask))
@@ -269,7 +269,7 @@ def test_twenty_adamw_steps_lower_the_lm_loss(tiny_4bit, method):
     model = qmoe.attach(tiny_4bit(), config(method, dropout=0.05))
     if method == "loracoe":
         qmoe.set_stage(model, "joint")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     ids, mask = batch()

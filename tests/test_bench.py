@@ -62,6 +62,7 @@ def tiny_plan(backbone, memory, step_methods=("loracoe",)):
     )
 
 
+@pytest.mark.slow
 def test_bench_runs_and_records_every_comparison(tiny_backbone):
     messages = []
     result = run_bench(tiny_plan(tiny_backbone, memory=True), progress=messages.append)
@@ -89,11 +90,14 @@ def test_bench_command_writes_json(tiny_backbone, monkeypatch, tmp_path, capsys)
     import qmoe.bench as bench
 
     monkeypatch.setattr(bench, "plan_for", lambda device, quick=False: tiny_plan(tiny_backbone, memory=True))
-    out = tmp_path / "bench.json"
+    out, tables = tmp_path / "bench.json", tmp_path / "bench.md"
     argv = ["bench", "--quick", "--device", "cpu", "--no-memory", "--json", str(out), "--methods", "moelora", "lora"]
-    assert main(argv) == 0
+    assert main([*argv, "--markdown", str(tables)]) == 0
     data = json.loads(out.read_text())
     assert data["meta"]["command"].startswith("qmoe bench --quick")
+    # the recorded command is the one given, every option included (it used to drop --markdown)
+    assert data["meta"]["command"] == " ".join(["qmoe", *argv, "--markdown", str(tables)])
+    assert "| where |" in tables.read_text()
     assert {r["method"] for r in data["records"]} == {"moelora", "lora"}
     assert all(r["peak_mem"] is None for r in data["records"])
     assert "qmoe bench" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 from pipeline_support import arithmetic_items, build_tiny_chat_model, tiny_recipe, write_jsonl
 
@@ -14,6 +15,7 @@ from qmoe.compare.runner import RESULTS_JSON, SPECIALISATION_JSON
 from qmoe.rundir import RECIPE
 
 
+@pytest.mark.slow
 def test_compare_trains_evaluates_and_writes_results(tmp_path):
     model_dir = build_tiny_chat_model(tmp_path / "model")
     data = tmp_path / "data"

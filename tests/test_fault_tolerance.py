@@ -13,12 +13,12 @@ from pipeline_support import build_tiny_chat_model, qmoe_cli, qmoe_popen, tiny_r
 from safetensors.torch import load_file
 
 import qmoe
-from qmoe.cli import UsageError
+from qmoe.checkpoints import complete_checkpoints, verify_checkpoint
+from qmoe.errors import UsageError
 from qmoe.io import read_jsonl
 from qmoe.pipeline import run_finetune
 from qmoe.recipe import validate_recipe
 from qmoe.rundir import MetricsLog
-from qmoe.trainer import complete_checkpoints, verify_checkpoint
 
 
 @pytest.fixture
@@ -45,6 +45,7 @@ def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter.safetensors"))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(make_recipe, tmp_path):
     # 12 steps over 8 batches per epoch: the resume crosses an epoch boundary; dropout exercises the RNG state,
     # MoELoRA's contrastive queues carry state between steps
@@ -58,7 +59,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(make_recipe, tmp_path):
     try:
         wait_for(lambda: bool(complete_checkpoints(run_dir / "checkpoints")), process=process)
         process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
+        process.communicate(timeout=60)  # reaps it and closes its pipes (an unclosed pipe is a ResourceWarning)
     finally:
         if process.poll() is None:
             process.kill()
@@ -90,6 +91,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(make_recipe, tmp_path):
     assert not list(run_dir.rglob(".staging-*"))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_nonzero_then_resumes(make_recipe, tmp_path):
     train = {"max_steps": 16, "checkpoint_steps": 100, "logging_steps": 1}
     recipe_file = write_recipe(tmp_path / "r.yaml", make_recipe(train=train))
@@ -116,6 +118,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero_then_resumes(make_recipe, 
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 17))
 
 
+@pytest.mark.slow
 def test_huge_lr_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(make_recipe, tmp_path):
     train = {"lr": 1e6, "max_grad_norm": 0.0, "max_steps": 10, "checkpoint_steps": 2, "warmup_ratio": 0.0}
     recipe_file = write_recipe(tmp_path / "r.yaml", make_recipe(train=train, model={"gradient_checkpointing": False}))
@@ -135,6 +138,7 @@ def test_huge_lr_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(ma
     assert not (run_dir / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_truncated_adapter_names_the_file(make_recipe, chat_model_dir):
     recipe = validate_recipe(make_recipe(train={"max_steps": 1}))
     run_dir = Path(recipe.output_dir)
@@ -149,6 +153,7 @@ def test_truncated_adapter_names_the_file(make_recipe, chat_model_dir):
     assert str(weights) in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damaged", ["optimizer.pt", "adapter.safetensors", "queues.safetensors"])
 def test_damaged_checkpoint_on_resume_names_the_file(make_recipe, tmp_path, damaged):
     recipe = validate_recipe(make_recipe(train={"max_steps": 4, "checkpoint_steps": 2}))
@@ -163,6 +168,7 @@ def test_damaged_checkpoint_on_resume_names_the_file(make_recipe, tmp_path, dama
     assert str(target) in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_keeps_the_last_good_one(make_recipe, monkeypatch):
     recipe = validate_recipe(make_recipe(train={"max_steps": 6, "checkpoint_steps": 2}))
     run_dir = Path(recipe.output_dir)
@@ -205,6 +211,7 @@ def test_out_of_memory_gives_advice(make_recipe, monkeypatch):
     assert json.loads((Path(recipe.output_dir) / "status.json").read_text())["state"] == "failed"
 
 
+@pytest.mark.slow
 def test_adapter_for_another_base_names_the_layer_and_shape(make_recipe, tmp_path):
     recipe = validate_recipe(make_recipe(train={"max_steps": 1}))
     run_dir = Path(recipe.output_dir)
@@ -216,6 +223,7 @@ def test_adapter_for_another_base_names_the_layer_and_shape(make_recipe, tmp_pat
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_concurrent_runs_write_separate_directories_and_never_share_one(make_recipe, tmp_path):
     from qmoe.rundir import RunLock
 
@@ -276,6 +284,7 @@ def test_atomic_json_writes_never_leave_a_partial_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_final_evaluation_stops_with_the_adapter_saved(make_recipe, monkeypatch):
     import qmoe.evaluation
 

@@ -9,10 +9,12 @@ import yaml
 from pipeline_support import qmoe_cli, tiny_recipe, write_jsonl, write_recipe
 
 import qmoe
-from qmoe.cli import UsageError
+from qmoe.errors import UsageError
 from qmoe.io import read_jsonl
 from qmoe.pipeline import run_finetune
 from qmoe.recipe import validate_recipe
+
+pytestmark = pytest.mark.slow  # every test here runs `qmoe finetune` (in process or as a subprocess)
 
 METRIC_FIELDS = {
     "step",
@@ -38,6 +40,7 @@ STATUS_FIELDS = {
     "error",
     "trainable_parameters",
     "method",
+    "kernel_backend",
 }
 
 
@@ -120,6 +123,23 @@ def test_finetune_cli_writes_the_documented_run_directory(make_recipe, tmp_path)
     assert "checkpoint saved" in log and "accuracy on gsm8k" in log
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
     assert checkpoints == ["checkpoint-3", "checkpoint-5"]
+
+
+def test_finetune_prints_each_logging_step_once_under_one_progress_bar(make_recipe, tmp_path):
+    recipe = make_recipe("loramoe", train={"max_steps": 4, "logging_steps": 2}, eval={"enabled": False})
+    done = qmoe_cli("finetune", write_recipe(tmp_path / "r.yaml", recipe), env={"TQDM_DISABLE": None})  # bar on
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = done.stdout + done.stderr
+    assert "{'loss'" not in shown and "train_runtime" not in shown  # Trainer's own log dicts are gone
+    assert "step/s]" in shown  # our bar (steps of the whole run, rate and ETA)
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 4]
+    for r in records:  # exactly one line per logging step, carrying the metrics.jsonl numbers
+        lines = [line for line in shown.splitlines() if f" step {r['step']}/4 " in line]
+        assert len(lines) == 1, (r["step"], lines)
+        for text in (f"loss {r['loss']:.4f}", f"lm_loss {r['lm_loss']:.4f}", f"balance_loss {r['balance_loss']:.4f}"):
+            assert text in lines[0], (text, lines[0])
+        assert f"lr {r['lr']:.2e}" in lines[0] and "tok/s" in lines[0]
 
 
 def test_run_directory_with_only_a_recipe_starts_a_fresh_run_there(make_recipe, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from pipeline_support import qmoe_cli
 
-from qmoe.cli import UsageError
+from qmoe.errors import UsageError
 from qmoe.recipe import Recipe, RecipeError, apply_overrides, dump_recipe, load_recipe, validate_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +150,7 @@ def test_missing_and_unreadable_files(tmp_path):
         load_recipe(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
     cases = []
     cases.append(((tmp_path / "missing.yaml",), "not found"))

@@ -111,6 +111,7 @@ def test_unknown_run_names_are_refused_by_the_endpoints(ui, api_name):
         client.predict("../../etc", api_name=api_name)
 
 
+@pytest.mark.slow
 def test_two_simultaneous_launches_get_separate_directories_and_failures_show_their_error(ui, monkeypatch):
     """A model the offline machine cannot load: both runs start as real `qmoe finetune` processes in their
     own folders, fail, and the runs table shows the pipeline's error line (the UI keeps serving)."""
@@ -313,6 +314,7 @@ def np_isnan_all(a) -> bool:
     return bool(np.isnan(a).all())
 
 
+@pytest.mark.slow
 def test_stop_from_the_ui_makes_the_real_pipeline_checkpoint_and_report_stopped(tmp_path, monkeypatch):
     """Stop on a real `qmoe finetune` launched like the Train tab does: the pipeline gets SIGTERM, saves
     a checkpoint, and the UI shows the run as stopped with the pipeline's resume hint."""
@@ -338,3 +340,4 @@ def test_stop_from_the_ui_makes_the_real_pipeline_checkpoint_and_report_stopped(
     assert _wait(lambda: runs.status(name)["state"] == "stopped", timeout=120), runs.log_tail(name)
     assert "--resume" in runs.status(name)["error"]
     assert any((run_dir / rundir.CHECKPOINTS).iterdir())
+    runs._children[name].wait(timeout=120)  # it exits just after writing "stopped": leave no process behind

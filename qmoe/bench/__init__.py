@@ -15,6 +15,7 @@ import datetime
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -157,7 +158,7 @@ def _load() -> list[float] | None:
         return None
 
 
-def run_bench(plan: BenchPlan, progress=None) -> dict:
+def run_bench(plan: BenchPlan, progress: Callable[[str], None] | None = None) -> dict:
     """Run a plan; returns {"meta": {...}, "records": [...]}. ``progress(message)`` is told what runs."""
     from .layer import bench_layer
     from .step import bench_steps

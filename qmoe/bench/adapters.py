@@ -31,7 +31,7 @@ def matching_rank(trainable: int, width: int) -> int:
     return max(1, round(trainable / width))
 
 
-def peft_layer(base, r: int, dropout: float):
+def peft_layer(base: torch.nn.Module, r: int, dropout: float) -> torch.nn.Module:
     """PEFT's LoRA wrapper of one bitsandbytes Linear4bit (alpha = 2r, as qmoe's defaults)."""
     from peft import LoraConfig
     from peft.tuners.lora.bnb import Linear4bit
@@ -40,7 +40,7 @@ def peft_layer(base, r: int, dropout: float):
     return Linear4bit(base, "default", config, r=r, lora_alpha=2 * r, lora_dropout=dropout)
 
 
-def attach_peft(model, r: int, dropout: float):
+def attach_peft(model: torch.nn.Module, r: int, dropout: float) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -49,7 +49,7 @@ def attach_peft(model, r: int, dropout: float):
     return get_peft_model(model, config)
 
 
-def adapted_width(model) -> int:
+def adapted_width(model: torch.nn.Module) -> int:
     """Sum of in + out features over the linear layers the default targets select."""
     from ..attach import target_names
 

@@ -8,9 +8,14 @@ peak while building stays near the 4-bit model's size plus one full-precision la
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # Real shapes of public models (from their config.json); num_hidden_layers may be cut with `layers=`
 RANDOM_SHAPES = {
@@ -39,7 +44,6 @@ RANDOM_SHAPES = {
     ),
 }
 BUILTIN = "smollm2-135m"
-BACKBONES = (BUILTIN, *RANDOM_SHAPES)
 GPU_ONLY = {"llama-7b"}
 
 
@@ -47,7 +51,7 @@ def compute_dtype_for(device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
-def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: str):
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: str) -> nn.Module:
     """A bitsandbytes NF4 Linear4bit holding ``weight`` (quantized on the move to ``device``)."""
     import bitsandbytes as bnb
 
@@ -59,13 +63,13 @@ def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: tor
     return layer.to(device)
 
 
-def random_linear4bit(in_features: int, out_features: int, device: str, seed: int = 0):
+def random_linear4bit(in_features: int, out_features: int, device: str, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=g) * 0.02
     return quantized_linear(weight, None, compute_dtype_for(device), device)
 
 
-def model_config(name: str, layers: int | None = None):
+def model_config(name: str, layers: int | None = None) -> PretrainedConfig:
     """The transformers config of a backbone (SmolLM2's from its converted folder)."""
     from transformers import AutoConfig, LlamaConfig
 
@@ -79,13 +83,13 @@ def model_config(name: str, layers: int | None = None):
     return config
 
 
-def smollm2_dir():
+def smollm2_dir() -> Path:
     from ..models import builtin_model_dir
 
     return builtin_model_dir("builtin:smollm2-135m-instruct")
 
 
-def load_backbone(name: str, device: str, layers: int | None = None, seed: int = 0):
+def load_backbone(name: str, device: str, layers: int | None = None, seed: int = 0) -> nn.Module:
     """A frozen NF4 causal LM on ``device`` (compute dtype fp32 on CPU, bf16 on CUDA)."""
     dtype = compute_dtype_for(device)
     if name == BUILTIN:

@@ -10,6 +10,8 @@ Dropout is 0 everywhere here, so the loop references (which have none) compute t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .. import kernels
@@ -53,7 +55,17 @@ def _fwd_bwd(fn, x, grad_out, params):
     return run
 
 
-def bench_layer(name, in_features, out_features, tokens, methods, device, repeats, warmup, progress=None):
+def bench_layer(
+    name: str,
+    in_features: int,
+    out_features: int,
+    tokens: int,
+    methods: list[str],
+    device: str,
+    repeats: int,
+    warmup: int,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Records (dicts) for one layer shape."""
     base = random_linear4bit(in_features, out_features, device)
     dtype = base.compute_dtype
@@ -78,7 +90,7 @@ def bench_layer(name, in_features, out_features, tokens, methods, device, repeat
         def full(inp, layer=layer):
             layer.train()
             out = layer(inp)
-            return out, sum(layer.aux.values()) if layer.aux else 0.0
+            return out, sum(layer.aux_losses().values()) if layer.aux else 0.0
 
         def adapter(inp, layer=layer):
             layer.eval()

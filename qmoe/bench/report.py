@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 HEADERS = [
     "level",
@@ -66,7 +70,7 @@ def rows(records: list[dict]) -> list[list[str]]:
     ]
 
 
-def print_table(result: dict, console=None) -> None:
+def print_table(result: dict, console: Console | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 

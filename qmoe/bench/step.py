@@ -15,9 +15,11 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .. import attach, aux_loss, clear_aux
 from .adapters import PEFT, adapted_width, attach_peft, matching_rank, method_config, trainable
@@ -25,15 +27,11 @@ from .backbones import load_backbone, share_frozen_clone
 from .timing import interleaved_medians, peak_memory, reset_peak_memory
 
 
-def enable_checkpointing(model) -> None:
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+def enable_checkpointing(model: nn.Module) -> None:
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
-def build(backbone, spec: dict):
+def build(backbone: nn.Module, spec: dict) -> tuple[nn.Module, bool]:
     """(model, is_qmoe) for a spec {"method": name} or {"method": "peft-lora", "rank": r, "dropout": p}."""
     enable_checkpointing(backbone)
     if spec["method"] == PEFT:
@@ -41,7 +39,7 @@ def build(backbone, spec: dict):
     return attach(backbone, method_config(spec["method"])), True
 
 
-def make_step(model, is_qmoe: bool, batch: dict):
+def make_step(model: nn.Module, is_qmoe: bool, batch: dict) -> Callable[[], None]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     model.train()
@@ -64,7 +62,7 @@ def make_batch(vocab: int, batch: int, seq: int, device: str, seed: int = 0) -> 
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def step_specs(backbone, methods):
+def step_specs(backbone: nn.Module, methods: list[str]) -> list[tuple[dict, dict]]:
     """The qmoe specs and, per method, PEFT LoRA at its trainable-parameter count (rank rounded)."""
     width = adapted_width(backbone)
     specs = []
@@ -79,7 +77,18 @@ def step_specs(backbone, methods):
     return specs
 
 
-def bench_steps(name, methods, device, batch, seq, repeats, warmup, layers=None, memory=True, progress=None):
+def bench_steps(
+    name: str,
+    methods: list[str],
+    device: str,
+    batch: int,
+    seq: int,
+    repeats: int,
+    warmup: int,
+    layers: int | None = None,
+    memory: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
     say = progress or (lambda msg: None)
     say(f"step {name}: loading the 4-bit backbone" + (f" ({layers} layers)" if layers else ""))
     backbone = load_backbone(name, device, layers=layers)
@@ -153,7 +162,7 @@ def bench_steps(name, methods, device, batch, seq, repeats, warmup, layers=None,
     return records
 
 
-def measure_peak_in_child(backbone_path, spec, device, batch, seq) -> int | None:
+def measure_peak_in_child(backbone_path: Path, spec: dict, device: str, batch: int, seq: int) -> int | None:
     payload = json.dumps({"backbone": str(backbone_path), "spec": spec, "device": device, "batch": batch, "seq": seq})
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     done = subprocess.run([sys.executable, "-m", "qmoe.bench.step", payload], capture_output=True, text=True, env=env)

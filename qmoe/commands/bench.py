@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,10 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..cli import UsageError
+    from ..errors import UsageError
 
     device = args.device
     if device == "auto":
@@ -54,6 +55,7 @@ def run(args) -> int:
     from ..bench import plan_for, run_bench
     from ..bench.adapters import METHOD_SETTINGS
     from ..bench.report import markdown, print_table, write_json
+    from ..cli import command_line
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -67,28 +69,10 @@ def run(args) -> int:
     plan.memory = not args.no_memory
     err = Console(stderr=True)
     result = run_bench(plan, progress=lambda msg: err.print(msg, highlight=False))
-    result["meta"]["command"] = "qmoe bench " + " ".join(_argv(args))
+    result["meta"]["command"] = command_line(args)
     print_table(result)
     if args.json:
         write_json(result, args.json)
     if args.markdown:
-        from pathlib import Path
-
         Path(args.markdown).write_text(markdown(result))
     return 0
-
-
-def _argv(args) -> list[str]:
-    parts = []
-    if args.quick:
-        parts.append("--quick")
-    parts += ["--device", args.device]
-    if args.threads:
-        parts += ["--threads", str(args.threads)]
-    if args.no_memory:
-        parts.append("--no-memory")
-    if args.methods:
-        parts += ["--methods", *args.methods]
-    if args.json:
-        parts += ["--json", args.json]
-    return parts

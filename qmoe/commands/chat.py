@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from ..cli import UsageError
+from ..errors import UsageError
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "path",
         nargs="?",
@@ -37,7 +38,7 @@ def pick_layer(routed: list[str], wanted: str | None) -> str:
     return matches[0]
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..chat import load_chat_model, stream_reply, top_experts
 
     chat = load_chat_model(args.path, base_source=args.base)

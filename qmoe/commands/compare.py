@@ -4,8 +4,9 @@ on the same test sets, write RESULTS.md (accuracy per task, trainable parameters
 from __future__ import annotations
 
 import argparse
-import shlex
 from pathlib import Path
+
+from ..cli import command_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         eval_args += ["--batch-size", str(args.eval_batch_size)]
     if args.max_new_tokens:
         eval_args += ["--max-new-tokens", str(args.max_new_tokens)]
-    command = "qmoe compare " + shlex.join(_argv_of(args))
+    command = command_line(args)
     return run_compare(
         runs,
         args.overrides,
@@ -92,25 +93,3 @@ def run(args: argparse.Namespace) -> int:
         command,
         pairs=[tuple(pair) for pair in args.pairs],
     )
-
-
-def _argv_of(args: argparse.Namespace) -> list[str]:
-    argv = list(args.recipes)
-    if args.labels:
-        argv += ["--labels", *args.labels]
-    for spec in args.runs:
-        argv += ["--run", *spec]
-    for pair in args.pairs:
-        argv += ["--pair", *pair]
-    if args.overrides:
-        argv += ["--set", *args.overrides]
-    argv += ["--eval-tasks", *args.eval_tasks]
-    for flag, value in (
-        ("--eval-limit", args.eval_limit),
-        ("--eval-batch-size", args.eval_batch_size),
-        ("--max-new-tokens", args.max_new_tokens),
-    ):
-        if value:
-            argv += [flag, str(value)]
-    argv += ["--out-dir", args.out_dir, "--results", args.results, "--figures", args.figures]
-    return argv

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from ..cli import UsageError
+from ..errors import UsageError
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN_OR_ADAPTER_DIR", help="a run directory or an adapter folder")
     parser.add_argument(
         "--task",
@@ -27,11 +28,12 @@ def add_arguments(parser) -> None:
     )
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..chat import load_chat_model, resolve_adapter
     from ..evaluation import format_table, run_evaluation
     from ..pipeline import setup_logging
     from ..recipe import load_recipe
+    from ..rundir import RECIPE, eval_file_name
 
     folder = Path(args.path)
     if not folder.is_dir():
@@ -40,7 +42,7 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
-    recipe = load_recipe(folder) if (folder / "recipe.yaml").is_file() else None
+    recipe = load_recipe(folder) if (folder / RECIPE).is_file() else None
     defaults = recipe.eval if recipe is not None else None
     task = args.task or (defaults.task or recipe.data.task if recipe is not None else "gsm8k")
     data_path = args.data if args.data else (defaults.path if defaults is not None and not args.task else None)
@@ -57,8 +59,8 @@ def run(args) -> int:
         out_file = Path(args.output)
     else:
         same_task = args.task is None or (recipe is not None and task == (defaults.task or recipe.data.task))
-        stem = "eval" if same_task else f"eval-{Path(task).parent.name if task.endswith('.json') else task}"
-        out_file = folder / (f"{stem}-base.json" if args.base_only else f"{stem}.json")
+        other = None if same_task else Path(task).parent.name if task.endswith(".json") else task
+        out_file = folder / eval_file_name(other, base=args.base_only)
     system_prompt = recipe.data.system_prompt if recipe is not None else None
     label = f"{source} (base)" if args.base_only else f"{source} + {adapter_dir}"
     result = run_evaluation(

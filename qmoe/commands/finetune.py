@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import UsageError
+from ..errors import UsageError
 
 
-def add_arguments(parser, overrides_nargs=argparse.REMAINDER) -> None:
+def add_arguments(parser: argparse.ArgumentParser, overrides_nargs: str = argparse.REMAINDER) -> None:
     parser.add_argument("path", metavar="PATH", help="recipe YAML, or a run directory containing recipe.yaml")
     # REMAINDER keeps options given after the overrides; run() re-parses them (argparse cannot intermix
     # positionals and options under subcommands)
@@ -28,25 +28,21 @@ def add_arguments(parser, overrides_nargs=argparse.REMAINDER) -> None:
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
 
 
-def _with_trailing_options(args):
-    """Options written after the overrides (``qmoe finetune r.yaml a=1 --no-eval``), parsed properly."""
+def _with_trailing_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Options written after the overrides (``qmoe finetune r.yaml a=1 --no-eval``), parsed properly: the
+    captured tail is parsed again on top of the options already parsed (argparse keeps attributes the
+    namespace has), so nothing is rebuilt by hand."""
     if not any(item.startswith("-") for item in args.overrides):
         return args
     parser = argparse.ArgumentParser(prog="qmoe finetune")
     add_arguments(parser, overrides_nargs="*")
-    argv = [args.path, *args.overrides]
-    argv += ["--output-dir", args.output_dir] if args.output_dir else []
-    argv += [
-        flag
-        for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite), ("--no-eval", args.no_eval))
-        if on
-    ]
-    return parser.parse_intermixed_args(argv)
+    return parser.parse_intermixed_args([args.path, *args.overrides], namespace=argparse.Namespace(**vars(args)))
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..pipeline import run_finetune
     from ..recipe import load_recipe
+    from ..rundir import RECIPE
 
     args = _with_trailing_options(args)
 
@@ -64,7 +60,7 @@ def run(args) -> int:
     # resuming a recipe file: the run directory's resolved recipe is authoritative (plus new overrides)
     if args.resume and run_dir is None:
         run_dir = Path(load_recipe(source, args.overrides).output_dir)
-    if args.resume and (run_dir / "recipe.yaml").is_file():
+    if args.resume and (run_dir / RECIPE).is_file():
         recipe = load_recipe(run_dir, args.overrides)
     else:
         recipe = load_recipe(source, args.overrides)

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qmoe.cli import UsageError
+    from ..errors import UsageError
 
     try:
         from app.main import build_app, launch

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..rundir import EVAL
+from ..rundir import eval_file_name
 from .specialisation import MODULE
 from .statistics import PairedOutcome, paired_nll_difference, paired_outcome, wilson_halfwidth
 
@@ -54,8 +54,7 @@ def task_slug(task: str) -> str:
 
 def eval_file(run_dir: Path, slug: str) -> Path:
     """``eval-<slug>.json``: the run directory's ``eval.json`` for one test set (compare keeps one per task)."""
-    name = Path(EVAL)
-    return run_dir / f"{name.stem}-{slug}{name.suffix}"
+    return run_dir / eval_file_name(slug)
 
 
 def merge_into(results_file: Path, table: str) -> str:

@@ -1,0 +1,151 @@
+"""The one place where qmoe touches private APIs of transformers (and the inventory of all other libraries').
+
+transformers' ``Trainer`` has no public hooks for what qmoe needs: checkpoints that hold only the adapter,
+written into a staging folder and renamed (never the 4-bit backbone), a data order that continues across
+LoRACoE stages, and a 4-bit model that Trainer accepts without PEFT. So qmoe overrides, calls and sets the
+private names below, and only here: the rest of qmoe subclasses :class:`TrainerHooks` and implements its
+public-named hooks, or calls the functions of this module. ``tests/test_hf_private.py`` checks every name
+and signature listed here against the installed transformers and fails naming the attribute and the version;
+``pyproject.toml`` pins transformers to the minor version that is tested.
+
+Overridden (Trainer calls them; each forwards to a hook of :class:`TrainerHooks`):
+
+``Trainer._get_train_sampler(train_dataset=None)``
+    called by ``get_train_dataloader``; qmoe returns ``qmoe.sampling.DataStreamSampler`` so stage k continues
+    the data order where stage k-1 stopped. If renamed: every stage restarts at the first shuffle
+    (``tests/test_sampling.py`` fails).
+``Trainer._save(output_dir=None, state_dict=None)``
+    called by ``save_model``; qmoe writes the adapter only. If renamed: ``trainer.save_model()`` writes the
+    whole 4-bit model.
+``Trainer._save_checkpoint(model, trial)``
+    called every ``save_steps`` and by our callback at the end of each stage and on SIGINT/SIGTERM; qmoe
+    writes a complete adapter-only checkpoint (``qmoe.checkpoints.write_checkpoint``). If renamed: Trainer
+    saves full-model checkpoints without the MoELoRA queues or the completeness marker, and resume fails.
+``Trainer._load_from_checkpoint(resume_from_checkpoint, model=None)``
+    called by ``train(resume_from_checkpoint=...)``; qmoe loads the adapter and queues. If renamed: Trainer
+    looks for full-model weights in the checkpoint and resume fails.
+
+Called (Trainer's own writers of the resumable training state, exactly as its ``_save_checkpoint`` uses them):
+
+``Trainer._save_optimizer_and_scheduler(output_dir)``, ``Trainer._save_scaler(output_dir)``,
+``Trainer._save_rng_state(output_dir)``
+    write ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt`` (mixed precision only) and ``rng_state.pth``,
+    which ``train(resume_from_checkpoint=...)`` reads back. If renamed or their files renamed: checkpoints
+    fail to save, or resume silently restarts the optimizer, schedule and random state.
+the ``ExportableState`` bookkeeping in ``Trainer._save_checkpoint`` (``state.stateful_callbacks``)
+    mirrored by :meth:`TrainerHooks.save_training_state` so callback states resume as Trainer's own would.
+
+Set:
+
+``PreTrainedModel._hf_peft_config_loaded = True``
+    read by ``transformers.trainer_utils.validate_quantization_for_training``, which refuses to train a
+    "purely quantized" model unless PEFT adapters are loaded; qmoe's adapters are not PEFT's. If renamed:
+    ``Trainer(...)`` raises ValueError on every 4-bit model.
+``Trainer.model_accepts_loss_kwargs = False``
+    not underscored but undocumented state that ``Trainer.__init__`` sets from the model; False makes
+    Trainer divide qmoe's per-micro-batch mean loss by the accumulation steps itself. If it stops being
+    read: losses are scaled wrongly under gradient accumulation.
+``transformers.trainer.DEFAULT_PROGRESS_CALLBACK`` (with the public ``ProgressCallback`` and
+``PrinterCallback``)
+    the printers ``Trainer.__init__`` adds; :func:`remove_log_printers` takes them out because
+    ``qmoe.callbacks`` prints the bar and one line per logging step. If renamed: the import fails here.
+
+Private names of other libraries, left where they are (listed so that this is the whole inventory; the test
+checks them too):
+
+``torch._C._current_graph_task_id()`` in ``qmoe/tuners/base.py``
+    -1 outside autograd's backward: tells the layers that gradient checkpointing is recomputing a forward.
+``PretrainedConfig._name_or_path`` in ``qmoe/serialization.py``
+    the base model recorded in ``adapter_config.json`` (the public ``config.name_or_path`` reads the same).
+argparse's ``ArgumentParser._subparsers`` in ``tests/test_ui.py`` (test code only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import transformers
+from torch import nn
+from torch.utils.data import Dataset, Sampler
+from transformers import PrinterCallback, ProgressCallback, Trainer
+from transformers.trainer_callback import ExportableState
+
+TRANSFORMERS_VERSION = transformers.__version__
+
+# the files Trainer's private state writers create and train(resume_from_checkpoint=...) reads back
+TRAINER_STATE_FILE = "trainer_state.json"
+TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")  # scaler.pt only with mixed precision
+
+
+class TrainerHooks(Trainer):
+    """``Trainer`` with its private extension points forwarded to public-named hooks a subclass implements:
+    :meth:`train_sampler`, :meth:`save_model_files`, :meth:`save_checkpoint` and :meth:`load_checkpoint`;
+    :meth:`save_training_state` writes Trainer's own resumable state into a folder."""
+
+    # -- hooks (the subclass overrides these) -------------------------------------------------------------
+
+    def train_sampler(self, dataset: Dataset) -> Sampler | None:
+        """The training sampler, or None for Trainer's default."""
+        return None
+
+    def save_model_files(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def save_checkpoint(self) -> None:
+        raise NotImplementedError
+
+    def load_checkpoint(self, directory: Path, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    # -- Trainer's private writers of the training state ----------------------------------------------------
+
+    def save_training_state(self, directory: Path) -> None:
+        """Optimizer, scheduler, scaler, RNG and trainer state into ``directory``, as ``_save_checkpoint``
+        writes them (so ``train(resume_from_checkpoint=directory)`` restores them)."""
+        self.store_flos()
+        self._save_optimizer_and_scheduler(str(directory))
+        self._save_scaler(str(directory))
+        self._save_rng_state(str(directory))
+        # the ExportableState bookkeeping of Trainer._save_checkpoint, line for line
+        for cb in [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]:
+            name = cb.__class__.__name__
+            if isinstance(self.state.stateful_callbacks.get(name), list):
+                self.state.stateful_callbacks[name].append(cb.state())
+            else:
+                self.state.stateful_callbacks[name] = cb.state()
+        self.state.save_to_json(str(directory / TRAINER_STATE_FILE))
+
+    # -- the private overrides, forwarded -------------------------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        sampler = self.train_sampler(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        self.save_model_files(Path(output_dir or self.args.output_dir))
+
+    def _save_checkpoint(self, model: nn.Module, trial: object) -> None:
+        self.save_checkpoint()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        self.load_checkpoint(Path(resume_from_checkpoint), model if model is not None else self.model)
+
+
+def mark_adapters_attached(model: nn.Module) -> None:
+    """Let Trainer train a 4-bit model that carries trainable qmoe adapters (see the module docstring)."""
+    model._hf_peft_config_loaded = True
+
+
+def mean_loss_per_micro_batch(trainer: Trainer) -> None:
+    """compute_loss returns per-micro-batch means; Trainer then divides by the accumulation steps itself."""
+    trainer.model_accepts_loss_kwargs = False
+
+
+def remove_log_printers(trainer: Trainer) -> None:
+    """Take out the progress bar / log printer Trainer adds (it prints every log as a dict)."""
+    from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
+
+    for printer in {ProgressCallback, PrinterCallback, DEFAULT_PROGRESS_CALLBACK}:
+        while trainer.pop_callback(printer) is not None:
+            pass
