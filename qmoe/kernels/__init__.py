@@ -7,7 +7,8 @@ over experts, gating in rank space) is fused here into one elementwise pass over
 
 Backends (env ``QMOE_KERNELS`` or :func:`set_backend`, the latter wins):
 
-- ``auto`` (default): ``triton`` for CUDA tensors when triton is importable, ``torch`` otherwise;
+- ``auto`` (default): ``triton`` for CUDA tensors when triton is importable and the kernel passed its
+  self-check on first use (:mod:`qmoe.kernels.selfcheck`), ``torch`` otherwise;
 - ``triton``: the Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``);
 - ``function``: the same autograd Function with its forward/backward written in PyTorch ops;
 - ``torch``: the layers' own plain-autograd PyTorch code (no Function at all).
@@ -52,64 +53,84 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def backend_for(x: torch.Tensor) -> str:
-    """The backend that handles tensor ``x``: 'triton', 'function' or 'torch'."""
-    name = requested_backend()
+_used: dict[str, str] = {}  # kernel -> the backend it last ran with (backends_used)
+
+
+def backend_for(x: torch.Tensor, kernel: str | None = None, shape: tuple[int, ...] = ()) -> str:
+    """The backend that handles tensor ``x`` (the kernel's input z): 'triton', 'function' or 'torch'.
+
+    ``kernel`` ('moelora' | 'loracoe') and ``shape`` (its shape class: (N, r, top_k) | (E, r)) say what runs:
+    ``auto`` then self-checks that kernel for x's device and dtype before its first use, and the choice is
+    recorded for :func:`backends_used`. Without them ``auto`` checks every kernel at its default shape class.
+    """
+    name, ran = requested_backend(), None
     if name == "auto":
-        return "triton" if x.is_cuda and triton_available() else "torch"
-    if name == "triton":
+        on_device = x.is_cuda or (selfcheck.auto_interpret() and triton_interpreting())
+        name = "triton" if on_device and triton_available() else "torch"
+        if name == "triton":
+            checks = [(kernel, shape)] if kernel is not None else list(selfcheck.DEFAULT_SHAPES.items())
+            failed = next((why for k, s in checks if (why := selfcheck.failure(k, x.device, x.dtype, s))), None)
+            if failed is not None:
+                name, ran = "torch", f"torch (the Triton kernel failed its self-check: {failed})"
+    elif name == "triton":
         if not triton_available():
             raise RuntimeError("QMOE_KERNELS=triton but triton is not installed (pip install 'qmoe[kernels]')")
         if not x.is_cuda and not triton_interpreting():
             raise RuntimeError(
                 "QMOE_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)"
             )
+    if kernel is not None:
+        _used[kernel] = ran or name
     return name
 
 
+def backends_used() -> dict[str, str]:
+    """The backend each kernel (= adapter method: moelora, loracoe) last ran with in this process, as chosen by
+    backend_for: 'triton', 'function', 'torch', or 'torch (the Triton kernel failed its self-check: REASON)'
+    when ``auto`` fell back. Methods without fused kernels (lora, loramoe) never appear."""
+    return dict(_used)
+
+
+from . import selfcheck  # noqa: E402
 from .loracoe import loracoe_gate, loracoe_gate_reference  # noqa: E402
 from .moelora import moelora_gate, moelora_gate_reference  # noqa: E402
 
 
-def moelora_fused(layer, x: torch.Tensor):
-    """The MoELoRA layer's routing through a fused backend, or None when the plain PyTorch path applies.
+def moelora_routing(z: torch.Tensor, n: int, r: int, k: int):
+    """MoELoRA's routing of ``z = x @ [router; A]^T`` through the backend for z's device (the layer's only
+    entry point): :func:`moelora_gate_reference` itself for 'torch', its fused version otherwise.
 
-    Returns (gated rank activations [T, N*r], rank activations h [T, N*r] (a view of z, in the graph for the
-    contrastive loss), router probabilities [T, N] fp32 (in the graph for the balance loss), top ids [T, k],
-    dense gate [T, N] fp32 (telemetry)).
+    Returns (gated rank activations [T, N*r], router probabilities [T, N] fp32 (in the graph for the balance
+    loss), top ids [T, k], dense gate [T, N] fp32 (telemetry)).
     """
-    backend = backend_for(x)
+    backend = backend_for(z, "moelora", (n, r, k))
     if backend == "torch":
-        return None
-    n, r, k = layer.config.num_experts, layer.config.r, layer.config.top_k
-    z = torch.nn.functional.linear(x, torch.cat([layer.router, layer.lora_A], 0))
-    gated, probs, top_ids, gate = moelora_gate(z, n, r, k, backend)
-    return gated, z[:, n:], probs, top_ids, gate
+        return moelora_gate_reference(z, n, r, k)
+    return moelora_gate(z, n, r, k, backend)
 
 
-def loracoe_fused(layer, x: torch.Tensor):
-    """The LoRACoE layer's composition through a fused backend, or None for the plain PyTorch path.
+def loracoe_routing(z: torch.Tensor, e: int, r: int, factor: float):
+    """LoRACoE's composition of ``z = x @ [A; W_route]^T`` through the backend for z's device:
+    :func:`loracoe_gate_reference` for 'torch', its fused version otherwise.
 
-    Returns (gated rank activations [T, r] (already times ``composition_factor``), rank weights [T, r] fp32
-    (telemetry, off the graph)).
+    Returns (gated rank activations [T, r] (already times ``factor``), rank weights [T, r] fp32).
     """
-    backend = backend_for(x)
+    backend = backend_for(z, "loracoe", (e, r))
     if backend == "torch":
-        return None
-    e, r = layer.config.num_experts, layer.config.r
-    z = torch.nn.functional.linear(x, torch.cat([layer.lora_A, layer.router], 0))
-    return loracoe_gate(z, e, r, layer.composition_factor, backend)
+        return loracoe_gate_reference(z, e, r, factor)
+    return loracoe_gate(z, e, r, factor, backend)
 
 
 __all__ = [
     "BACKENDS",
     "backend_for",
-    "loracoe_fused",
+    "backends_used",
     "loracoe_gate",
     "loracoe_gate_reference",
-    "moelora_fused",
+    "loracoe_routing",
     "moelora_gate",
     "moelora_gate_reference",
+    "moelora_routing",
     "requested_backend",
     "set_backend",
     "triton_available",

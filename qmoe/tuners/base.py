@@ -4,6 +4,7 @@ routing telemetry and auxiliary-loss bookkeeping."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,8 +63,9 @@ class AdapterLayer(nn.Module):
         self.last_load: torch.Tensor | None = None
         self.last_tokens: int = 0
         self.trace_records: list[dict] = []
-        # auxiliary losses of the last training forward (tensors in the graph), by name
-        self.aux: dict[str, torch.Tensor] = {}
+        # auxiliary losses of the last training forward, by name: tensors in the graph, or zero-argument callables
+        # that compute one when first asked (aux_losses), outside gradient checkpointing's recomputed region
+        self.aux: dict[str, torch.Tensor | Callable[[], torch.Tensor]] = {}
 
     # ---- helpers for subclasses -------------------------------------------------------------------------
     def _new_param(self, *shape: int) -> nn.Parameter:
@@ -86,14 +88,41 @@ class AdapterLayer(nn.Module):
         # with a KV cache the mask covers past + current tokens; the current ones are the last `seq`
         return mask[:, -seq:].reshape(-1).to(device=x.device, dtype=torch.bool)
 
-    def _record(self, counts: torch.Tensor | None, load: torch.Tensor, tokens: int) -> None:
+    def record_routing(
+        self, weights: torch.Tensor, valid: torch.Tensor | None, chosen: torch.Tensor | None = None
+    ) -> None:
+        """Routing telemetry of this forward, off the autograd graph (the one definition for every method).
+
+        ``weights`` [T, E]: dense routing weights per token (the gate, softmax or rank weights). ``chosen``
+        [T, k]: the experts each token was sent to (top-k methods); then ``load`` is the fraction of routed
+        token-slots per expert. Without it (dense methods) a token counts for its most weighted expert and
+        ``load`` is the mean weight. Padding (``valid`` False) is excluded; traces keep every token.
+        """
         if in_recomputation():
             return
-        self.last_counts = None if counts is None else counts.detach()
-        self.last_load = load.detach()
-        self.last_tokens = tokens
+        with torch.no_grad():
+            experts = weights.shape[-1]
+            w = weights if valid is None else weights[valid]
+            ids = w.argmax(-1) if chosen is None else (chosen if valid is None else chosen[valid])
+            counts = torch.bincount(ids.reshape(-1), minlength=experts)
+            if w.shape[0] == 0:  # nothing but padding: an even split, on the tensor's own device
+                load = torch.full((experts,), 1.0 / experts, device=weights.device)
+            elif chosen is None:
+                load = w.float().mean(0)
+            else:
+                load = counts.float() / counts.sum()
+            self.last_counts, self.last_load, self.last_tokens = counts, load, w.shape[0]
+            if self.context.trace and not torch.is_grad_enabled():
+                self.trace_records.append({"weights": weights.float().cpu()})
 
-    def _set_aux(self, **losses: torch.Tensor) -> None:
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """The auxiliary losses of the last training forward, computing deferred ones once."""
+        for name, value in self.aux.items():
+            if callable(value):
+                self.aux[name] = value()
+        return self.aux
+
+    def _set_aux(self, **losses: torch.Tensor | Callable[[], torch.Tensor]) -> None:
         if in_recomputation():
             return
         self.aux = losses

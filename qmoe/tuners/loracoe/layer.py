@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...kernels import loracoe_fused
+from ...kernels import loracoe_routing
 from ..base import AdapterLayer
 
 
@@ -39,33 +39,11 @@ class LoraCoELayer(AdapterLayer):
         self.stage = stage
         self.router.requires_grad_(stage == "joint")
 
-    def rank_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A x [T, r], mean over experts of the per-expert softmax over ranks [T, r])."""
-        e, r = self.config.num_experts, self.config.r
-        z = F.linear(x, torch.cat([self.lora_A, self.router], 0))
-        h, logits = z[:, :r], z[:, r:].reshape(-1, e, r)
-        weights = torch.softmax(logits.float(), dim=-1).mean(1).to(x.dtype)
-        return h, weights
-
-    def delta(self, x, valid):
+    def delta(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         if self.stage == "warmup":
             return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
-        fused = loracoe_fused(self, x)  # Triton on CUDA (see qmoe.kernels); None: this PyTorch path
-        if fused is not None:
-            gated, weights = fused
-        else:
-            h, weights = self.rank_weights(x)
-            gated = h * weights * self.composition_factor
-        self._telemetry(weights, valid)
+        z = F.linear(x, torch.cat([self.lora_A, self.router], 0))
+        # the composition (qmoe.kernels.loracoe_gate_reference, fused on CUDA): gated ranks and rank weights
+        gated, weights = loracoe_routing(z, self.config.num_experts, self.config.r, self.composition_factor)
+        self.record_routing(weights, valid)  # the "experts" of LoRACoE's telemetry are its r ranks
         return F.linear(gated, self.lora_B) * self.scale
-
-    def _telemetry(self, weights, valid) -> None:
-        with torch.no_grad():
-            w = weights if valid is None else weights[valid]
-            r = self.config.r
-            load = w.float().mean(0) if w.shape[0] else torch.full((r,), 1.0 / r, device=w.device)
-            # counts: tokens whose most weighted rank is j (rank-level "expert" choice)
-            counts = torch.bincount(w.argmax(-1), minlength=r) if w.shape[0] else torch.zeros(r, dtype=torch.long)
-            self._record(counts, load, w.shape[0])
-            if self.context.trace and not torch.is_grad_enabled():
-                self.trace_records.append({"weights": weights.float().cpu()})

@@ -33,19 +33,9 @@ class LoraMoELayer(AdapterLayer):
         z = F.linear(x, torch.cat([self.lora_A, self.router], 0))
         return z[:, :r], torch.softmax(z[:, r:].float(), dim=-1).to(x.dtype)
 
-    def delta(self, x, valid):
+    def delta(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         n, r = self.config.num_experts, self.config.r
         h, probs = self.gate(x)
-        self._telemetry(probs, valid)
+        self.record_routing(probs, valid)  # dense gate: a token counts for its most weighted expert
         gated = h * probs.repeat_interleave(r // n, dim=-1)
         return F.linear(gated, self.lora_B) * self.scale
-
-    def _telemetry(self, probs: torch.Tensor, valid) -> None:
-        with torch.no_grad():
-            p = probs if valid is None else probs[valid]
-            n = self.config.num_experts
-            counts = torch.bincount(p.argmax(-1), minlength=n) if p.numel() else torch.zeros(n, dtype=torch.long)
-            load = p.float().mean(0) if p.shape[0] else torch.full((n,), 1.0 / n)
-            self._record(counts, load, p.shape[0])
-            if self.context.trace and not torch.is_grad_enabled():
-                self.trace_records.append({"weights": probs.float().cpu()})

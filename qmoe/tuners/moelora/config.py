@@ -3,7 +3,7 @@
 From the paper (arXiv 2402.12851, §4): 8 experts, rank 4 each, top-2 routing.
 The paper does not state alpha, the loss weights, the temperature or the queue size; qmoe's choices:
 alpha = 2r = 8 (the usual LoRA ratio); balance weight 0.01 (Switch Transformer's coefficient);
-contrastive weight 0.1 and tau 0.07 (MoCo's temperature); 64 queued outputs per expert and 64 anchor
+contrastive weight 0.1 and tau 0.07 (MoCo's temperature); 64 queued keys per expert and 64 anchor
 tokens per layer per step, which bounds the loss's extra compute and memory independently of batch size.
 """
 

@@ -3,26 +3,39 @@ a load-balancing loss and a contrastive loss between expert outputs.
 
 Batched, no loop over experts: x is multiplied once by [router; A_1..A_N] (router logits and every
 expert's rank activations from one matmul); the sparse top-k gate is expanded over each expert's r ranks
-and applied in rank space; one matmul with [B_1..B_N] gives the output.
+and applied in rank space; one matmul with [B_1..B_N] gives the output. The contrastive loss works in rank
+space too (see losses.py): its queues hold r numbers and an expert id per entry, whatever out_features is.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ...kernels import moelora_fused
-from ..base import AdapterLayer, in_recomputation
-from .losses import expert_contrastive_loss, load_balancing_loss
+from ...kernels import moelora_routing
+from ..base import AdapterContext, AdapterLayer, in_recomputation
+from .losses import gram, load_balancing_loss, rank_space_contrastive_loss, rank_space_sq_norms, stack_ranks
 
 _MIN_NORM = 1e-6  # expert outputs below this are still ~zero (B starts at 0): no direction to contrast yet
+
+# checkpoint tensor names of the contrastive queues (per layer); "queue" held output vectors before 0.2
+QUEUE_TENSORS = ("queue_ranks", "queue_labels")
+OLD_QUEUE_TENSOR = "queue"
+
+
+class QueueFormatError(ValueError):
+    """Saved contrastive queues in a format this version cannot use."""
 
 
 class MoELoraLayer(AdapterLayer):
     adapter_param_names = ("lora_A", "lora_B", "router")
     routed = True
 
-    def __init__(self, base_layer, config, context):
+    def __init__(self, base_layer: nn.Module, config, context: AdapterContext):
         super().__init__(base_layer, config, context)
         n, r = config.num_experts, config.r
         self.lora_A = self._new_param(n * r, self.in_features)  # expert i owns rows i*r:(i+1)*r
@@ -32,35 +45,30 @@ class MoELoraLayer(AdapterLayer):
         self._kaiming_(self.router)
         if not config.init_lora_weights:
             self._kaiming_(self.lora_B)
-        # contrastive queues: recent detached expert outputs and their expert ids (bounded ring buffer)
+        # contrastive queues (bounded ring buffer per expert): the rank vectors A_e x [Q, r] of recent anchors
+        # and their expert ids [Q]; a key is the expert's *current* B applied to its queued rank vector
         self.queue: torch.Tensor | None = None
         self.queue_labels: torch.Tensor | None = None
         self._queue_used: tuple | None = None  # snapshot the forward used, replayed under checkpointing
 
     # -- routing ------------------------------------------------------------------------------------------
-    def route(self, x: torch.Tensor):
-        """Rank activations h [T, N*r], router probabilities [T, N], top ids [T, k], gate [T, N]."""
-        n, k = self.config.num_experts, self.config.top_k
-        z = F.linear(x, torch.cat([self.router, self.lora_A], 0))
-        logits, h = z[:, :n], z[:, n:]
-        probs = torch.softmax(logits.float(), dim=-1)
-        top_w, top_ids = probs.topk(k, dim=-1)
-        top_w = top_w / top_w.sum(-1, keepdim=True)
-        gate = torch.zeros_like(probs).scatter(1, top_ids, top_w).to(x.dtype)
-        return h, probs, top_ids, gate
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z = x @ [router; A]^T [T, N(r+1)], router probabilities [T, N], top ids [T, k], gate [T, N]).
 
-    def delta(self, x, valid):
-        r = self.config.r
-        fused = moelora_fused(self, x)  # Triton on CUDA (see qmoe.kernels); None: this PyTorch path
-        if fused is not None:
-            gated, h, probs, top_ids, gate = fused
-        else:
-            h, probs, top_ids, gate = self.route(x)
-            gated = h * gate.repeat_interleave(r, dim=-1)
+        One matmul, then the routing of qmoe.kernels (the plain reference, or its fused version on CUDA)."""
+        c = self.config
+        z = F.linear(x, torch.cat([self.router, self.lora_A], 0))
+        _, probs, top_ids, gate = moelora_routing(z, c.num_experts, c.r, c.top_k)
+        return z, probs, top_ids, gate
+
+    def delta(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        c = self.config
+        z = F.linear(x, torch.cat([self.router, self.lora_A], 0))
+        gated, probs, top_ids, gate = moelora_routing(z, c.num_experts, c.r, c.top_k)
         out = F.linear(gated, self.lora_B) * self.scale
-        self._telemetry(gate, top_ids, valid)
+        self.record_routing(gate, valid, chosen=top_ids)
         if self.training and torch.is_grad_enabled():
-            self._aux_losses(h, probs, top_ids, valid)
+            self._aux_losses(z[:, c.num_experts :], probs, top_ids, valid)
         return out
 
     # -- auxiliary losses ---------------------------------------------------------------------------------
@@ -71,51 +79,62 @@ class MoELoraLayer(AdapterLayer):
         contrastive = self._contrastive(hv, ids)
         self._set_aux(balance=balance, contrastive=contrastive)
 
-    def expert_outputs(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """B_e A_e x for each (token, chosen expert e): h [S, N*r], ids [S, k] -> [S*k, out].
-
-        Masks each token's rank activations to one expert's block and uses the shared B matmul, so no
-        per-expert weights are gathered (memory stays S*k*out).
-        """
+    def chosen_ranks(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each (token, chosen expert e)'s rank vector A_e x and e: h [S, N*r], ids [S, k] -> [S*k, r], [S*k]."""
         n, r = self.config.num_experts, self.config.r
-        s, k = ids.shape
-        onehot = F.one_hot(ids.reshape(-1), n).to(h.dtype)  # [S*k, N]
-        masked = h.repeat_interleave(k, dim=0) * onehot.repeat_interleave(r, dim=-1)
-        return F.linear(masked, self.lora_B)
+        per_expert = h.reshape(h.shape[0], n, r)
+        ranks = per_expert.gather(1, ids[:, :, None].expand(-1, -1, r))  # [S, k, r]
+        return ranks.reshape(-1, r), ids.reshape(-1)
 
-    def _contrastive(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _contrastive(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | Callable[[], torch.Tensor]:
+        """The contrastive loss of this forward, deferred: selects anchors and keys and updates the queues now
+        (cheap, replayed identically when gradient checkpointing recomputes the forward), and returns a
+        callable that computes the loss when :meth:`aux_losses` first asks, outside the recomputed region."""
         c = self.config
         if c.contrastive_loss_weight == 0 or h.shape[0] == 0:
             return h.sum() * 0.0
         # evenly spaced anchor tokens: deterministic (no RNG draw, so resumed runs match) and bounded
         count = min(c.contrastive_samples, h.shape[0])
         pick = torch.linspace(0, h.shape[0] - 1, count, device=h.device).round().long()
-        outputs = self.expert_outputs(h[pick], ids[pick])
-        labels = ids[pick].reshape(-1)
-        keep = outputs.detach().norm(dim=-1) > _MIN_NORM
-        outputs, labels = outputs[keep], labels[keep]
+        ranks, labels = self.chosen_ranks(h[pick], ids[pick])
+        anchors = stack_ranks(ranks, labels, c.num_experts)
+        layer_gram = gram(self.lora_B)
+        keep = rank_space_sq_norms(anchors.detach(), layer_gram) > _MIN_NORM**2
+        ranks, labels, anchors = ranks[keep], labels[keep], anchors[keep]
         if in_recomputation() and self._queue_used is not None:
             queue, queue_labels = self._queue_used
         else:
             queue, queue_labels = self.queue, self.queue_labels
             self._queue_used = (queue, queue_labels)
-        # keys: the queue plus this step's outputs (detached), so the loss has signal from the first step
-        keys, key_labels = outputs.detach(), labels
+        # keys: the queue plus this step's anchors (detached), so the loss has signal from the first step
+        key_ranks, key_labels = ranks.detach(), labels
         offset = 0
         if queue is not None:
-            keys, key_labels = torch.cat([queue.to(keys.dtype), keys]), torch.cat([queue_labels, labels])
+            key_ranks = torch.cat([queue.to(ranks.dtype), key_ranks])
+            key_labels = torch.cat([queue_labels, labels])
             offset = queue.shape[0]
-        self_columns = torch.arange(outputs.shape[0], device=outputs.device) + offset
-        loss = expert_contrastive_loss(outputs, labels, keys, key_labels, c.contrastive_temperature, self_columns)
+        keys = stack_ranks(key_ranks, key_labels, c.num_experts)
+        self_columns = torch.arange(anchors.shape[0], device=anchors.device) + offset
         if not in_recomputation():
-            self._enqueue(outputs.detach(), labels)
-        return loss
+            self._enqueue(ranks.detach(), labels)
+        return functools.partial(
+            rank_space_contrastive_loss,
+            anchors,
+            labels,
+            keys,
+            key_labels,
+            self.lora_B,
+            c.num_experts,
+            c.contrastive_temperature,
+            self_columns,
+            layer_gram,
+        )
 
-    def _enqueue(self, outputs: torch.Tensor, labels: torch.Tensor) -> None:
+    def _enqueue(self, ranks: torch.Tensor, labels: torch.Tensor) -> None:
         """Append to each expert's queue, keeping the newest ``contrastive_queue_size`` per expert."""
         c = self.config
         if self.queue is not None:
-            outputs = torch.cat([self.queue, outputs.to(self.queue.dtype)])
+            ranks = torch.cat([self.queue, ranks.to(self.queue.dtype)])
             labels = torch.cat([self.queue_labels, labels])
         # rank of each entry among the newer entries of the same expert; keep the newest per expert
         newest_first = torch.arange(labels.shape[0] - 1, -1, -1, device=labels.device)
@@ -123,16 +142,21 @@ class MoELoraLayer(AdapterLayer):
         onehot = F.one_hot(lab, c.num_experts)
         order = (onehot.cumsum(0) * onehot).sum(1)  # 1 = newest of its expert
         keep = newest_first[order <= c.contrastive_queue_size].flip(0)
-        self.queue, self.queue_labels = outputs[keep].contiguous(), labels[keep].contiguous()
+        self.queue, self.queue_labels = ranks[keep].contiguous(), labels[keep].contiguous()
 
-    # -- telemetry ----------------------------------------------------------------------------------------
-    def _telemetry(self, gate, top_ids, valid) -> None:
-        with torch.no_grad():
-            n = self.config.num_experts
-            ids = top_ids if valid is None else top_ids[valid]
-            counts = torch.bincount(ids.reshape(-1), minlength=n)
-            total = counts.sum()
-            load = counts.float() / total if total > 0 else torch.full((n,), 1.0 / n, device=counts.device)
-            self._record(counts, load, ids.shape[0])
-            if self.context.trace and not torch.is_grad_enabled():
-                self.trace_records.append({"weights": gate.float().cpu()})
+    # -- queue state (checkpoints) ------------------------------------------------------------------------
+    def queue_state(self) -> dict[str, torch.Tensor]:
+        """The contrastive queues as CPU tensors named by :data:`QUEUE_TENSORS` ({} while empty)."""
+        if self.queue is None:
+            return {}
+        return dict(zip(QUEUE_TENSORS, (self.queue.detach().cpu(), self.queue_labels.detach().cpu()), strict=True))
+
+    def load_queue_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`queue_state`; refuses queues saved in another format (raises QueueFormatError)."""
+        if OLD_QUEUE_TENSOR in tensors:
+            raise QueueFormatError("holds output-space contrastive queues (qmoe < 0.2), which cannot be converted")
+        ranks, labels = (tensors[name] for name in QUEUE_TENSORS)
+        if ranks.dim() != 2 or ranks.shape[1] != self.config.r or labels.shape != ranks.shape[:1]:
+            raise QueueFormatError(f"has queues of shape {tuple(ranks.shape)}, expected [entries, r={self.config.r}]")
+        device = self.lora_A.device
+        self.queue, self.queue_labels = ranks.to(device, self.lora_A.dtype), labels.to(device)

@@ -4,6 +4,8 @@ per-expert-loop baseline."""
 
 import torch
 
+from .losses import expert_contrastive_loss
+
 
 def moelora_reference(layer, x: torch.Tensor) -> torch.Tensor:
     c = layer.config
@@ -21,3 +23,43 @@ def moelora_reference(layer, x: torch.Tensor) -> torch.Tensor:
                 y = (x[rows] @ a_e.t()) @ b_e.t()
                 out = out.index_add(0, rows, top_w[rows, slot : slot + 1] * y)
     return out * layer.scale
+
+
+def moelora_contrastive_reference(layer, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The layer's contrastive loss computed on output vectors, expert by expert (the form before 0.2):
+    a drop-in for ``MoELoraLayer._contrastive`` (same anchors, queue handling and enqueueing) whose keys are
+    each queued rank vector through its expert's current B, detached. Tests check the rank-space layer
+    against it; it materialises [anchors + keys, out_features] tensors, which the layer never does."""
+    from ..base import in_recomputation
+    from .layer import _MIN_NORM
+
+    c = layer.config
+    r = c.r
+    if c.contrastive_loss_weight == 0 or h.shape[0] == 0:
+        return h.sum() * 0.0
+    count = min(c.contrastive_samples, h.shape[0])
+    pick = torch.linspace(0, h.shape[0] - 1, count, device=h.device).round().long()
+    rows = [(t, int(e)) for t in pick.tolist() for e in ids[t]]  # (token, chosen expert), slot order
+    ranks = torch.stack([h[t, e * r : (e + 1) * r] for t, e in rows])
+    labels = torch.tensor([e for _, e in rows], device=h.device)
+
+    def outputs_of(rank_vectors, experts, b):
+        return torch.stack([b[:, e * r : (e + 1) * r] @ a for a, e in zip(rank_vectors, experts.tolist(), strict=True)])
+
+    outputs = outputs_of(ranks, labels, layer.lora_B)
+    keep = outputs.detach().norm(dim=-1) > _MIN_NORM
+    outputs, labels, ranks = outputs[keep], labels[keep], ranks[keep]
+    if in_recomputation() and layer._queue_used is not None:
+        queue, queue_labels = layer._queue_used
+    else:
+        queue, queue_labels = layer.queue, layer.queue_labels
+        layer._queue_used = (queue, queue_labels)
+    keys, key_labels, offset = outputs.detach(), labels, 0
+    if queue is not None and queue.shape[0]:
+        queued = outputs_of(queue.to(ranks.dtype), queue_labels, layer.lora_B.detach())
+        keys, key_labels, offset = torch.cat([queued, keys]), torch.cat([queue_labels, labels]), queue.shape[0]
+    self_columns = torch.arange(outputs.shape[0], device=h.device) + offset
+    loss = expert_contrastive_loss(outputs, labels, keys, key_labels, c.contrastive_temperature, self_columns)
+    if not in_recomputation():
+        layer._enqueue(ranks.detach(), labels)
+    return loss
