@@ -21,6 +21,7 @@ from app.context import UIContext  # noqa: E402
 from app.monitor_tab import build_monitor_tab  # noqa: E402
 from app.paths import default_models_dir, default_runs_dir  # noqa: E402
 from app.runs import RunManager  # noqa: E402
+from app.system_panel import build_system_panel  # noqa: E402
 from app.train_tab import build_train_tab  # noqa: E402
 
 CSS_PATH = Path(__file__).with_name("style.css")
@@ -42,9 +43,10 @@ def build_app(runs_dir: str | Path | None = None, models_dir: str | Path | None 
                 chat = build_chat_tab(ctx)
             with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare_tab:
                 compare = build_compare_tab(ctx)
+        build_system_panel(ctx)  # what `qmoe doctor` finds on this machine, below the tabs
         # a run launched in the Train tab becomes the Monitor tab's selection
         train["launched_run"].change(
-            lambda name, choices=None: gr.update(choices=ctx.runs.list_runs(), value=name) if name else gr.skip(),
+            lambda name: gr.update(choices=ctx.runs.list_runs(), value=name) if name else gr.skip(),
             train["launched_run"],
             monitor["run"],
             api_visibility="private",
@@ -61,7 +63,7 @@ def build_app(runs_dir: str | Path | None = None, models_dir: str | Path | None 
     return demo
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **kwargs):
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **kwargs) -> tuple:
     """Serve ``demo``; returns Gradio's (app, local url, share url)."""
     return demo.launch(
         server_name=host,
