@@ -58,6 +58,13 @@ def saved_bytes(fn) -> int:
     return sum(storages.values())
 
 
+def training_forward(layer: nn.Module, x: torch.Tensor) -> None:
+    """The layer's forward and its auxiliary losses, computed as training computes them (older qmoe versions
+    computed them inside the forward and have no ``aux_losses``)."""
+    layer(x)
+    getattr(layer, "aux_losses", dict)()
+
+
 def queue_bytes(layer: nn.Module) -> int:
     seen = {}
     for name, value in vars(layer).items():
@@ -78,10 +85,10 @@ def measure(hidden: int, mlp: int, kv: int, dtype: torch.dtype, tokens: int, ste
             layer.lora_B.normal_(0, 0.02)
         x = torch.randn(tokens, fan_in, dtype=dtype)
         for _ in range(steps):
-            layer(x)
-        with_loss = saved_bytes(lambda layer=layer, x=x: layer(x))
+            training_forward(layer, x)
+        with_loss = saved_bytes(lambda layer=layer, x=x: training_forward(layer, x))
         layer.config = config.model_copy(update={"contrastive_loss_weight": 0.0})
-        without_loss = saved_bytes(lambda layer=layer, x=x: layer(x))
+        without_loss = saved_bytes(lambda layer=layer, x=x: training_forward(layer, x))
         layer.config = config
         rows[name] = {
             "queue_bytes": queue_bytes(layer),

@@ -11,6 +11,7 @@ from typing import Any, Literal, NoReturn
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .tuners import METHOD_DEFAULTS
+from .tuners.moelora.config import MIN_TEMPERATURE
 
 METHODS = ("lora", "loramoe", "moelora", "loracoe")
 Method = Literal["lora", "loramoe", "moelora", "loracoe"]
@@ -93,8 +94,9 @@ def _check(c: AdapterConfig) -> None:
         for name in ("balance_loss_weight", "contrastive_loss_weight"):
             if getattr(c, name) < 0:
                 _fail(name, getattr(c, name), "must be >= 0")
-        if c.contrastive_temperature <= 0:
-            _fail("contrastive_temperature", c.contrastive_temperature, "must be > 0")
+        if c.contrastive_temperature < MIN_TEMPERATURE:
+            why = "the rank-space loss is exact in fp32 down to it"
+            _fail("contrastive_temperature", c.contrastive_temperature, f"must be >= {MIN_TEMPERATURE} ({why})")
         if c.contrastive_queue_size < 1:
             _fail("contrastive_queue_size", c.contrastive_queue_size, "must be >= 1")
         if c.contrastive_samples < 1:

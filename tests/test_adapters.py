@@ -468,6 +468,7 @@ def test_corrupt_or_mismatched_adapter_names_the_file(tiny_4bit, tmp_path):
         (dict(method="loramoe", r=10, num_experts=4), "r"),
         (dict(method="lora", dropout=1.5), "dropout"),
         (dict(method="moelora", contrastive_temperature=0), "contrastive_temperature"),
+        (dict(method="moelora", contrastive_temperature=0.01), "contrastive_temperature"),
         (dict(method="lora", rank=4), "rank"),
     ],
 )

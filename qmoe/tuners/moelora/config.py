@@ -19,3 +19,7 @@ DEFAULTS = {
     "contrastive_queue_size": 64,
     "contrastive_samples": 64,
 }
+
+# the rank-space contrastive loss shifts its logits by the largest possible one, 1/tau, so its smallest term,
+# exp(-2/tau), must stay a normal fp32 number: tau >= 0.025 (2/0.025 = 80 < 87); see losses.py
+MIN_TEMPERATURE = 0.025

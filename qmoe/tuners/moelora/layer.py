@@ -68,39 +68,43 @@ class MoELoraLayer(AdapterLayer):
         out = F.linear(gated, self.lora_B) * self.scale
         self.record_routing(gate, valid, chosen=top_ids)
         if self.training and torch.is_grad_enabled():
-            self._aux_losses(z[:, c.num_experts :], probs, top_ids, valid)
+            self._aux_losses(z, probs, top_ids, valid)
         return out
 
     # -- auxiliary losses ---------------------------------------------------------------------------------
-    def _aux_losses(self, h, probs, top_ids, valid) -> None:
+    def _aux_losses(self, z, probs, top_ids, valid) -> None:
         c = self.config
-        p, ids, hv = (probs, top_ids, h) if valid is None else (probs[valid], top_ids[valid], h[valid])
+        rows = None if valid is None else valid.nonzero().squeeze(1)
+        p, ids = (probs, top_ids) if rows is None else (probs[rows], top_ids[rows])
         balance = load_balancing_loss(p, ids, c.num_experts)
-        contrastive = self._contrastive(hv, ids)
+        contrastive = self._contrastive(z, ids, rows)
         self._set_aux(balance=balance, contrastive=contrastive)
 
-    def chosen_ranks(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each (token, chosen expert e)'s rank vector A_e x and e: h [S, N*r], ids [S, k] -> [S*k, r], [S*k]."""
-        n, r = self.config.num_experts, self.config.r
-        per_expert = h.reshape(h.shape[0], n, r)
-        ranks = per_expert.gather(1, ids[:, :, None].expand(-1, -1, r))  # [S, k, r]
-        return ranks.reshape(-1, r), ids.reshape(-1)
-
-    def _contrastive(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | Callable[[], torch.Tensor]:
+    def _contrastive(
+        self, z: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor | None
+    ) -> torch.Tensor | Callable[[], torch.Tensor]:
         """The contrastive loss of this forward, deferred: selects anchors and keys and updates the queues now
         (cheap, replayed identically when gradient checkpointing recomputes the forward), and returns a
-        callable that computes the loss when :meth:`aux_losses` first asks, outside the recomputed region."""
+        callable that computes the loss when :meth:`aux_losses` first asks, outside the recomputed region.
+
+        z [T, N(r+1)]: router logits then every expert's rank activations; ids [V, k]: the chosen experts of
+        the V non-padding tokens, at positions ``rows`` of z (None: all T tokens)."""
         c = self.config
-        if c.contrastive_loss_weight == 0 or h.shape[0] == 0:
-            return h.sum() * 0.0
+        n, r = c.num_experts, c.r
+        if c.contrastive_loss_weight == 0 or ids.shape[0] == 0:
+            return z.sum() * 0.0
         # evenly spaced anchor tokens: deterministic (no RNG draw, so resumed runs match) and bounded
-        count = min(c.contrastive_samples, h.shape[0])
-        pick = torch.linspace(0, h.shape[0] - 1, count, device=h.device).round().long()
-        ranks, labels = self.chosen_ranks(h[pick], ids[pick])
-        anchors = stack_ranks(ranks, labels, c.num_experts)
+        pick = _evenly_spaced(ids.shape[0], c.contrastive_samples, z.device)
+        chosen = ids[pick]  # [S, k]
+        tokens = pick if rows is None else rows[pick]
+        # each (token, chosen expert e)'s rank vector A_e x, read from z in one indexing op: [S*k, r]
+        columns = n + chosen[:, :, None] * r + _arange(r, z.device)
+        ranks, labels = z[tokens[:, None, None], columns].reshape(-1, r), chosen.reshape(-1)
+        anchors = stack_ranks(ranks, labels, n)
         layer_gram = gram(self.lora_B)
         keep = rank_space_sq_norms(anchors.detach(), layer_gram) > _MIN_NORM**2
-        ranks, labels, anchors = ranks[keep], labels[keep], anchors[keep]
+        if not bool(keep.all()):
+            ranks, labels, anchors = ranks[keep], labels[keep], anchors[keep]
         if in_recomputation() and self._queue_used is not None:
             queue, queue_labels = self._queue_used
         else:
@@ -113,8 +117,8 @@ class MoELoraLayer(AdapterLayer):
             key_ranks = torch.cat([queue.to(ranks.dtype), key_ranks])
             key_labels = torch.cat([queue_labels, labels])
             offset = queue.shape[0]
-        keys = stack_ranks(key_ranks, key_labels, c.num_experts)
-        self_columns = torch.arange(anchors.shape[0], device=anchors.device) + offset
+        keys = stack_ranks(key_ranks, key_labels, n)
+        self_columns = _arange(anchors.shape[0], z.device) + offset
         if not in_recomputation():
             self._enqueue(ranks.detach(), labels)
         return functools.partial(
@@ -124,7 +128,7 @@ class MoELoraLayer(AdapterLayer):
             keys,
             key_labels,
             self.lora_B,
-            c.num_experts,
+            n,
             c.contrastive_temperature,
             self_columns,
             layer_gram,
@@ -160,3 +164,15 @@ class MoELoraLayer(AdapterLayer):
             raise QueueFormatError(f"has queues of shape {tuple(ranks.shape)}, expected [entries, r={self.config.r}]")
         device = self.lora_A.device
         self.queue, self.queue_labels = ranks.to(device, self.lora_A.dtype), labels.to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _evenly_spaced(tokens: int, samples: int, device: torch.device) -> torch.Tensor:
+    """``min(samples, tokens)`` evenly spaced positions in [0, tokens) (cached: the same few shapes recur)."""
+    count = min(samples, tokens)
+    return torch.linspace(0, tokens - 1, count, device=device).round().long()
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(size: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(size, device=device)

@@ -81,8 +81,9 @@ def expert_contrastive_loss(
 def stack_ranks(ranks: torch.Tensor, labels: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Rank vectors [M, r] of experts ``labels`` [M] placed in their expert's block of [M, N*r] (zeros
     elsewhere), so that ``F.linear(stacked, lora_B)`` is each one's expert output ``B_e a``."""
-    onehot = F.one_hot(labels, num_experts).to(ranks.dtype)
-    return (onehot[:, :, None] * ranks[:, None, :]).reshape(ranks.shape[0], num_experts * ranks.shape[1])
+    r = ranks.shape[1]
+    columns = labels[:, None] * r + torch.arange(r, device=ranks.device)
+    return ranks.new_zeros(ranks.shape[0], num_experts * r).scatter(1, columns, ranks)
 
 
 def gram(lora_b: torch.Tensor) -> torch.Tensor:
@@ -97,9 +98,9 @@ def rank_space_sq_norms(stacked: torch.Tensor, gram: torch.Tensor) -> torch.Tens
 
 
 # The rank-space loss shifts every logit by the largest possible one, 1/tau (cosines are <= 1), instead of by a
-# row maximum: exp((cos - 1) / tau) >= exp(-2 / tau) stays a normal fp32 number (> 1.2e-38) while
-# tau >= MIN_TEMPERATURE, so no sum underflows and no [anchors, keys] maximum or mask pass is needed.
-MIN_TEMPERATURE = 0.025
+# row maximum: exp((cos - 1) / tau) >= exp(-2 / tau) stays a normal fp32 number (> 1.2e-38) while tau >=
+# config.MIN_TEMPERATURE (AdapterConfig enforces it), so no sum underflows and no [anchors, keys] maximum or
+# mask pass is needed.
 
 
 class _RankSpaceInfoNCE(torch.autograd.Function):
@@ -122,7 +123,7 @@ class _RankSpaceInfoNCE(torch.autograd.Function):
         u = v / (anchor_norm * temperature)[:, None]
         k_unit = k / key_norm[:, None]
         exp_logits = _exp_logits(u, k_unit, temperature, self_columns)
-        per_expert = exp_logits @ F.one_hot(key_labels, num_experts).to(exp_logits.dtype)  # [A, N]
+        per_expert = exp_logits.new_zeros(a.shape[0], num_experts).index_add_(1, key_labels, exp_logits)  # [A, N]
         own = per_expert.gather(1, anchor_labels[:, None]).squeeze(1)
         total = per_expert.sum(1)
         positives = torch.bincount(key_labels, minlength=num_experts)[anchor_labels] - int(self_columns.numel() > 0)
@@ -141,7 +142,8 @@ class _RankSpaceInfoNCE(torch.autograd.Function):
         count = has_pos.sum().clamp_min(1)
         exp_logits = _exp_logits(u, k_unit, temperature, ctx.self_columns)
         weighted = exp_logits @ k_unit  # [A, N*r]: sum_j E_ij k'_j, block f = the keys of expert f
-        block = F.one_hot(anchor_labels, num_experts).to(a.dtype).repeat_interleave(a.shape[1] // num_experts, 1)
+        rank_expert = torch.arange(a.shape[1], device=a.device) // (a.shape[1] // num_experts)
+        block = anchor_labels[:, None] == rank_expert[None, :]  # anchor i's own expert's ranks
         inv_total = torch.where(has_pos, 1.0 / total, 0.0)[:, None]
         inv_own = torch.where(has_pos, 1.0 / own, 0.0)[:, None]
         # dL/du_i = sum_j (softmax over all - softmax over positives)_ij k'_j
@@ -179,7 +181,7 @@ def rank_space_contrastive_loss(
 
     anchors [A, N*r] and keys [K, N*r] are stacked rank vectors of N experts (:func:`stack_ranks`; keys
     detached), lora_b the layer's B [out, N*r], ``layer_gram`` its :func:`gram` when already computed;
-    ``temperature`` >= :data:`MIN_TEMPERATURE`. Equal, value and
+    ``temperature`` >= ``config.MIN_TEMPERATURE``. Equal, value and
     gradients (w.r.t. the anchors and B), to the reference on ``F.linear(anchors, B)`` and
     ``F.linear(keys, B.detach())``; memory and compute scale with N*r, not out_features (one [out, N*r] x
     [N*r, N*r] matmul in backward).

@@ -25,7 +25,7 @@ def moelora_reference(layer, x: torch.Tensor) -> torch.Tensor:
     return out * layer.scale
 
 
-def moelora_contrastive_reference(layer, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def moelora_contrastive_reference(layer, z: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """The layer's contrastive loss computed on output vectors, expert by expert (the form before 0.2):
     a drop-in for ``MoELoraLayer._contrastive`` (same anchors, queue handling and enqueueing) whose keys are
     each queued rank vector through its expert's current B, detached. Tests check the rank-space layer
@@ -35,6 +35,7 @@ def moelora_contrastive_reference(layer, h: torch.Tensor, ids: torch.Tensor) -> 
 
     c = layer.config
     r = c.r
+    h = z[:, c.num_experts :] if rows is None else z[rows, c.num_experts :]  # non-padding rank activations
     if c.contrastive_loss_weight == 0 or h.shape[0] == 0:
         return h.sum() * 0.0
     count = min(c.contrastive_samples, h.shape[0])
