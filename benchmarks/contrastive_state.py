@@ -4,7 +4,7 @@ Builds one decoder layer's seven adapted projections (q, k, v, o, gate, up, down
 full-size ``nn.Linear`` bases (default: Llama-2-7B, hidden 4096, MLP 11008, bf16, the method's defaults),
 runs training forwards on random tokens until every queue is full, and reports per decoder layer:
 
-- the contrastive state kept between steps (the queues: every tensor attribute named ``queue*``);
+- the contrastive state kept between steps (the queues, and the snapshot of them the last forward used);
 - the bytes autograd saves for backward during the forward because of the contrastive loss (the forward
   with the loss minus the forward without it, unique storages, via ``torch.autograd.graph.saved_tensors_hooks``).
 
@@ -66,9 +66,13 @@ def training_forward(layer: nn.Module, x: torch.Tensor) -> None:
 
 
 def queue_bytes(layer: nn.Module) -> int:
+    """Bytes of the contrastive state kept between steps: the queues and the snapshot of them that the
+    last forward used (kept for gradient checkpointing's replay; after an enqueue it is a second copy)."""
     seen = {}
-    for name, value in vars(layer).items():
-        if name.startswith("queue") and isinstance(value, torch.Tensor):
+    tensors = [value for name, value in vars(layer).items() if name.startswith("queue")]
+    tensors += list(getattr(layer, "_queue_used", None) or ())
+    for value in tensors:
+        if isinstance(value, torch.Tensor):
             seen[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
     return sum(seen.values())
 

@@ -6,9 +6,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # (qmoe.config imports the tuners' defaults)
+    from ..config import AdapterConfig
 
 
 @dataclass
@@ -49,7 +53,7 @@ class AdapterLayer(nn.Module):
     # routed methods report per-expert load
     routed: bool = False
 
-    def __init__(self, base_layer: nn.Module, config, context: AdapterContext):
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, context: AdapterContext):
         super().__init__()
         self.base_layer = base_layer
         self.config = config

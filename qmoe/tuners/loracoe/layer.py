@@ -10,18 +10,24 @@ before the B matmul. Stage ``warmup`` is plain LoRA (router unused and frozen); 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ...kernels import loracoe_routing
-from ..base import AdapterLayer
+from ..base import AdapterContext, AdapterLayer
+
+if TYPE_CHECKING:  # (qmoe.config imports the tuners' defaults)
+    from ...config import AdapterConfig
 
 
 class LoraCoELayer(AdapterLayer):
     adapter_param_names = ("lora_A", "lora_B", "router")
     routed = True
 
-    def __init__(self, base_layer, config, context):
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, context: AdapterContext):
         super().__init__(base_layer, config, context)
         e, r = config.num_experts, config.r
         self.lora_A = self._new_param(r, self.in_features)

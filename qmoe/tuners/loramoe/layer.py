@@ -7,17 +7,23 @@ so the gate is applied in rank space (each expert's gate repeated over its r/N r
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..base import AdapterLayer
+from ..base import AdapterContext, AdapterLayer
+
+if TYPE_CHECKING:  # (qmoe.config imports the tuners' defaults)
+    from ...config import AdapterConfig
 
 
 class LoraMoELayer(AdapterLayer):
     adapter_param_names = ("lora_A", "lora_B", "router")
     routed = True
 
-    def __init__(self, base_layer, config, context):
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, context: AdapterContext):
         super().__init__(base_layer, config, context)
         self.lora_A = self._new_param(config.r, self.in_features)
         self.lora_B = self._new_param(self.out_features, config.r)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from torch import nn
 from ...kernels import moelora_routing
 from ..base import AdapterContext, AdapterLayer, in_recomputation
 from .losses import gram, load_balancing_loss, rank_space_contrastive_loss, rank_space_sq_norms, stack_ranks
+
+if TYPE_CHECKING:  # (qmoe.config imports the tuners' defaults)
+    from ...config import AdapterConfig
 
 _MIN_NORM = 1e-6  # expert outputs below this are still ~zero (B starts at 0): no direction to contrast yet
 
@@ -35,7 +39,7 @@ class MoELoraLayer(AdapterLayer):
     adapter_param_names = ("lora_A", "lora_B", "router")
     routed = True
 
-    def __init__(self, base_layer: nn.Module, config, context: AdapterContext):
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, context: AdapterContext):
         super().__init__(base_layer, config, context)
         n, r = config.num_experts, config.r
         self.lora_A = self._new_param(n * r, self.in_features)  # expert i owns rows i*r:(i+1)*r
@@ -105,11 +109,7 @@ class MoELoraLayer(AdapterLayer):
         keep = rank_space_sq_norms(anchors.detach(), layer_gram) > _MIN_NORM**2
         if not bool(keep.all()):
             ranks, labels, anchors = ranks[keep], labels[keep], anchors[keep]
-        if in_recomputation() and self._queue_used is not None:
-            queue, queue_labels = self._queue_used
-        else:
-            queue, queue_labels = self.queue, self.queue_labels
-            self._queue_used = (queue, queue_labels)
+        queue, queue_labels = self.queue_for_this_forward()
         # keys: the queue plus this step's anchors (detached), so the loss has signal from the first step
         key_ranks, key_labels = ranks.detach(), labels
         offset = 0
@@ -133,6 +133,13 @@ class MoELoraLayer(AdapterLayer):
             self_columns,
             layer_gram,
         )
+
+    def queue_for_this_forward(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The queues this forward's keys come from: the current ones, or under gradient checkpointing's
+        recomputation the same snapshot the original forward used (it has enqueued since)."""
+        if not (in_recomputation() and self._queue_used is not None):
+            self._queue_used = (self.queue, self.queue_labels)
+        return self._queue_used
 
     def _enqueue(self, ranks: torch.Tensor, labels: torch.Tensor) -> None:
         """Append to each expert's queue, keeping the newest ``contrastive_queue_size`` per expert."""

@@ -40,9 +40,9 @@ def moelora_contrastive_reference(layer, z: torch.Tensor, ids: torch.Tensor, row
         return h.sum() * 0.0
     count = min(c.contrastive_samples, h.shape[0])
     pick = torch.linspace(0, h.shape[0] - 1, count, device=h.device).round().long()
-    rows = [(t, int(e)) for t in pick.tolist() for e in ids[t]]  # (token, chosen expert), slot order
-    ranks = torch.stack([h[t, e * r : (e + 1) * r] for t, e in rows])
-    labels = torch.tensor([e for _, e in rows], device=h.device)
+    pairs = [(t, int(e)) for t in pick.tolist() for e in ids[t]]  # (token, chosen expert), slot order
+    ranks = torch.stack([h[t, e * r : (e + 1) * r] for t, e in pairs])
+    labels = torch.tensor([e for _, e in pairs], device=h.device)
 
     def outputs_of(rank_vectors, experts, b):
         return torch.stack([b[:, e * r : (e + 1) * r] @ a for a, e in zip(rank_vectors, experts.tolist(), strict=True)])
@@ -50,11 +50,7 @@ def moelora_contrastive_reference(layer, z: torch.Tensor, ids: torch.Tensor, row
     outputs = outputs_of(ranks, labels, layer.lora_B)
     keep = outputs.detach().norm(dim=-1) > _MIN_NORM
     outputs, labels, ranks = outputs[keep], labels[keep], ranks[keep]
-    if in_recomputation() and layer._queue_used is not None:
-        queue, queue_labels = layer._queue_used
-    else:
-        queue, queue_labels = layer.queue, layer.queue_labels
-        layer._queue_used = (queue, queue_labels)
+    queue, queue_labels = layer.queue_for_this_forward()
     keys, key_labels, offset = outputs.detach(), labels, 0
     if queue is not None and queue.shape[0]:
         queued = outputs_of(queue.to(ranks.dtype), queue_labels, layer.lora_B.detach())
