@@ -7,22 +7,18 @@ repository root (it serves the module-level ``demo``; set ``QMOE_RUNS_DIR`` to c
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # executed as a script by `gradio app/main.py`: make `app` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gradio as gr
 
-import gradio as gr  # noqa: E402
-
-from app.chat_tab import build_chat_tab  # noqa: E402
-from app.compare_tab import build_compare_tab  # noqa: E402
-from app.context import UIContext  # noqa: E402
-from app.monitor_tab import build_monitor_tab  # noqa: E402
-from app.paths import default_models_dir, default_runs_dir  # noqa: E402
-from app.runs import RunManager  # noqa: E402
-from app.system_panel import build_system_panel  # noqa: E402
-from app.train_tab import build_train_tab  # noqa: E402
+from qmoe_app.chat_tab import build_chat_tab
+from qmoe_app.compare_tab import build_compare_tab
+from qmoe_app.context import UIContext
+from qmoe_app.monitor_tab import build_monitor_tab
+from qmoe_app.paths import default_models_dir, default_runs_dir
+from qmoe_app.runs import RunManager
+from qmoe_app.system_panel import build_system_panel
+from qmoe_app.train_tab import build_train_tab
 
 CSS_PATH = Path(__file__).with_name("style.css")
 

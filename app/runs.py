@@ -21,6 +21,7 @@ from qmoe import rundir
 from qmoe.cli import qmoe_command
 from qmoe.io import atomic_write_json, atomic_write_text, read_jsonl
 from qmoe.serialization import CONFIG_FILE as ADAPTER_CONFIG_FILE
+from qmoe.sysinfo import pid_alive
 
 from .paths import UnsafePathError, safe_child
 
@@ -68,23 +69,6 @@ def _last_error_line(run_dir: Path) -> str | None:
         if errors:
             return errors[-1]
     return last_line(run_dir / CONSOLE_FILE) or last_line(run_dir / rundir.LOG)
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a finished child that nobody reaped yet still answers kill(0): check for a zombie
-    try:
-        stat = Path(f"/proc/{int(pid)}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class RunManager:
@@ -186,7 +170,7 @@ class RunManager:
             child = self._children.get(name)
         if child is not None and (pid is None or child.pid == int(pid)):
             return child.poll() is None  # also reaps our own finished children
-        return _pid_alive(pid)
+        return pid_alive(pid)
 
     # ------------------------------------------------------------------------------------------ reading
     def status(self, name: str) -> dict:

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import resource
 import signal
 import sys
 import time
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .rundir import MetricsLog, StatusFile
+from .sysinfo import peak_rss_bytes
 
 log = logging.getLogger("qmoe")
 
@@ -109,7 +109,7 @@ def restore_signal_handlers(previous: dict[int, object]) -> None:
 def peak_memory_mb(device: str) -> float:
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_rss_bytes() / 2**20
 
 
 def step_line(record: dict, max_steps: int | None = None) -> str:

@@ -10,12 +10,12 @@ Every module names these files through the constants below. What is inside a ``c
 from __future__ import annotations
 
 import datetime as dt
-import errno
-import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from .errors import UsageError
 from .io import atomic_write_json, atomic_write_text, fsync_dir, read_jsonl
@@ -62,35 +62,34 @@ def clear_results(run_dir: Path) -> None:
 
 
 class RunLock:
-    """An exclusive lock on a run directory, so two processes never train into the same one."""
+    """An exclusive lock on a run directory, so two processes never train into the same one.
+
+    filelock takes the OS lock (flock on POSIX, msvcrt on Windows), released by the OS if the process dies; the
+    holder writes its pid into the lock file so a refused process can say who holds it."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK
-        self.handle = None
+        self.lock = FileLock(self.path, timeout=0)
 
     def __enter__(self) -> RunLock:
-        self.handle = open(self.path, "a+")
         try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            self.handle.seek(0)
-            holder = self.handle.read().strip() or "another process"
-            self.handle.close()
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise UsageError(
-                    f"run directory {self.path.parent} is in use by pid {holder}; use another output_dir"
-                ) from None
-            raise
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(str(os.getpid()))
-        self.handle.flush()
+            self.lock.acquire()
+        except Timeout:
+            try:
+                holder = f"pid {int(self.path.read_text().strip())}"
+            except (OSError, ValueError):
+                holder = "another process"
+            raise UsageError(
+                f"run directory {self.path.parent} is in use by {holder}; use another output_dir"
+            ) from None
+        try:
+            self.path.write_text(str(os.getpid()))
+        except OSError:
+            pass  # Windows refuses a second handle on a locked region: the message then says "another process"
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.handle is not None:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
+        self.lock.release()
 
 
 class StatusFile:

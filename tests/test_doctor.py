@@ -95,8 +95,8 @@ def test_the_ui_system_panel_shows_the_same_checks(tmp_path):
     pytest.importorskip("gradio_client")
     from gradio_client import Client
 
-    from app.main import build_app
-    from app.testing import serving
+    from qmoe_app.main import build_app
+    from qmoe_app.testing import serving
 
     (tmp_path / "models").mkdir()
     with serving(build_app(tmp_path / "runs", tmp_path / "models")) as url:

@@ -19,13 +19,13 @@ import pytest
 pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 
-from app.main import build_app  # noqa: E402
-from app.paths import UnsafePathError, resolve_model_source, safe_child  # noqa: E402
-from app.recipe_form import FIELD_KEYS, recipe_form_values  # noqa: E402
-from app.runs import RunManager  # noqa: E402
-from app.testing import serving, write_contract_run  # noqa: E402
 from qmoe import rundir  # noqa: E402
 from qmoe.recipe import RecipeError, apply_overrides, read_recipe_file, validate_recipe  # noqa: E402
+from qmoe_app.main import build_app  # noqa: E402
+from qmoe_app.paths import UnsafePathError, resolve_model_source, safe_child  # noqa: E402
+from qmoe_app.recipe_form import FIELD_KEYS, recipe_form_values  # noqa: E402
+from qmoe_app.runs import RunManager  # noqa: E402
+from qmoe_app.testing import serving, write_contract_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -260,10 +260,10 @@ def test_chat_routing_view_is_the_routing_of_each_token_during_generation(tmp_pa
     from pipeline_support import build_tiny_chat_model
 
     import qmoe
-    from app.chat_tab import LoadedModel, collect_routing, highlighted_tokens, prompt_token_ids
     from qmoe.chat import ChatModel, stream_reply
     from qmoe.models import load_tokenizer
     from qmoe.testing import load_model
+    from qmoe_app.chat_tab import LoadedModel, collect_routing, highlighted_tokens, prompt_token_ids
 
     folder = build_tiny_chat_model(tmp_path / "tiny-chat")
     model = load_model(folder)

@@ -21,8 +21,8 @@ playwright_api = pytest.importorskip(
     "playwright.sync_api", reason="pip install playwright (scripts/install_browser.sh)"
 )
 
-from app.main import build_app  # noqa: E402
-from app.testing import serving  # noqa: E402
+from qmoe_app.main import build_app  # noqa: E402
+from qmoe_app.testing import serving  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("QMOE_CHROMIUM", "/usr/bin/chromium")

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..sysinfo import cpu_name
 from .backbones import BUILTIN, GPU_ONLY
 
 
@@ -128,12 +129,7 @@ def plan_for(device: str, quick: bool = False) -> BenchPlan:
 
 
 def machine_info(device: str) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     info = {
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),

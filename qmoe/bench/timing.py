@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..sysinfo import peak_rss_bytes
+
 
 def synchronize(device: str) -> None:
     if device == "cuda":
@@ -75,10 +77,8 @@ def peak_memory(device: str) -> int:
     """Bytes: CUDA max_memory_allocated, or this process's peak resident set size since the last reset."""
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated())
-    try:
+    try:  # Linux's VmHWM, which reset_peak_memory can lower; ru_maxrss (elsewhere) never goes down
         with open("/proc/self/status") as f:
             return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
     except (OSError, AttributeError):
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        return peak_rss_bytes()

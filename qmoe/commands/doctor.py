@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.paths import default_runs_dir
+    from qmoe_app.paths import default_runs_dir
 
     from ..doctor import as_json, format_report, healthy, run_checks
 

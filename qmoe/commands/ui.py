@@ -38,10 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
 
     try:
-        from app.main import build_app, launch
+        from qmoe_app.main import build_app, launch
     except ModuleNotFoundError as exc:
-        if exc.name in ("app", "app.main"):
-            raise UsageError("the web UI package 'app' is not installed with this qmoe") from None
+        if exc.name in ("qmoe_app", "qmoe_app.main"):
+            raise UsageError("the web UI package 'qmoe_app' is not installed with this qmoe") from None
+        if exc.name == "gradio":
+            raise UsageError("the web UI needs gradio: pip install 'qmoe[ui]'") from None
         raise
     if args.runs_dir is not None and args.runs_dir.exists() and not args.runs_dir.is_dir():
         raise UsageError(f"--runs-dir {args.runs_dir} is not a folder")
