@@ -61,8 +61,9 @@ def test_wheel_installs_as_qmoe_app_and_works_beside_a_users_app_py(tmp_path):
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
     site = Path(
-        subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True)
-        .strip()
+        subprocess.check_output(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
     )
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run(
