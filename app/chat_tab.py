@@ -19,6 +19,7 @@ import qmoe
 from .context import UIContext
 from .paths import UnsafePathError, resolve_model_source
 from .plots import empty_figure, expert_color, short_layer_name, token_heatmap
+from .runs import recipe_device
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -87,6 +88,25 @@ class ChatModels:
             raise UnsafePathError(f"unknown chat model {key!r}")
         self.current = LoadedModel(key, chat, method)
         return self.current
+
+    def training_warning(self, key: str) -> str | None:
+        """A warning when loading ``key`` (not loaded yet) would share its device with a training run:
+        the two compete for that device's memory (on a GPU the training, or this, may die of OOM)."""
+        if self.current is not None and self.current.key == key:
+            return None  # already in memory: nothing new is loaded
+        device = recipe_device("")  # the chat model loads with device auto, as a recipe's default
+        busy = self.ctx.runs.busy_runs(device)
+        if not busy:
+            return None
+        free = ""
+        if device.startswith("cuda") and torch.cuda.is_available():
+            # what the GPU has left now (the training's use included): the figure that decides an OOM
+            available, total = torch.cuda.mem_get_info(torch.device(device))
+            free = f"; {available / 2**30:.1f} of {total / 2**30:.1f} GiB of GPU memory free now"
+        return (
+            f"**Warning:** run {', '.join(busy)} is training on {device}; this model loads on the same device, "
+            f"so the two compete for its memory (the training or this chat may run out of memory){free}"
+        )
 
 
 def prompt_token_ids(chat: ChatModel, messages: list[dict]) -> list[int]:
@@ -196,14 +216,17 @@ def build_chat_tab(ctx: UIContext) -> dict:
             yield {chatbot: history, status: "**Error:** choose a model first"}
             return
         history.append({"role": "user", "content": text})
-        yield {chatbot: history, message: "", status: "loading the model and generating…"}
+        warning = None
         try:
             with models.lock:
+                warning = models.training_warning(key)
+                yield {chatbot: history, message: "", status: _warned(warning, "loading the model and generating…")}
                 loaded = models.load(key)
-                yield from _generate(loaded, history, int(max_tokens), float(temp))
+                for update in _generate(loaded, history, int(max_tokens), float(temp)):
+                    yield {**update, status: _warned(warning, update[status])}
         except Exception as exc:  # noqa: BLE001 - shown to the user; the UI must keep serving
             message_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            yield {chatbot: history, status: f"**Error:** {message_line}"}
+            yield {chatbot: history, status: _warned(warning, f"**Error:** {message_line}")}
 
     def _generate(loaded: LoadedModel, history: list[dict], max_tokens: int, temp: float):
         from qmoe.chat import stream_reply
@@ -264,8 +287,10 @@ def build_chat_tab(ctx: UIContext) -> dict:
 
     outputs = [chatbot, message, status, routing_state, layer, tokens_view, token_plot, token_index]
     inputs = [model_choice, message, chatbot, max_new_tokens, temperature]
-    send.click(respond, inputs, outputs, api_name="chat")
-    message.submit(respond, inputs, outputs, api_visibility="private")
+    # one generation at a time (one loaded model): further chats wait in Gradio's queue, which shows each
+    # browser its position, instead of holding a worker thread each while they wait for the model's lock
+    send.click(respond, inputs, outputs, api_name="chat", concurrency_limit=1, concurrency_id="chat-model")
+    message.submit(respond, inputs, outputs, api_visibility="private", concurrency_limit=1, concurrency_id="chat-model")
     clear.click(
         lambda: ([], Routing(), gr.update(choices=[], value=None), [], None, None, ""),
         None,
@@ -282,6 +307,10 @@ def build_chat_tab(ctx: UIContext) -> dict:
         return gr.update(choices=items, value=current if current in values else (values[0] if values else None))
 
     return {"model": model_choice, "refresh_choices": refresh_choices}
+
+
+def _warned(warning: str | None, text: str) -> str:
+    return f"{warning}\n\n{text}" if warning else text
 
 
 def _content_text(content: object) -> str:

@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
+from qmoe_app.auth import Accounts, LoginRequired
 from qmoe_app.chat_tab import build_chat_tab
 from qmoe_app.compare_tab import build_compare_tab
 from qmoe_app.context import UIContext
@@ -22,10 +24,23 @@ from qmoe_app.train_tab import build_train_tab
 
 CSS_PATH = Path(__file__).with_name("style.css")
 
+# Gradio's queue, set deliberately (its default runs each event listener one call at a time for all users
+# together, so 8 browsers' monitor refreshes would wait on each other): events without their own limit
+# (reading run folders, drawing plots) run up to 4 at once, enough that one slow plot does not stall the other
+# clients while bounding the threads and figures in memory; chat generation (one loaded model) and launch/
+# stop/cancel (the run queue) set their own limit of 1 in their tabs. At most 64 events wait, so a burst of
+# clients cannot grow the server's memory without bound: beyond that Gradio answers "queue full".
+DEFAULT_CONCURRENCY = 4
+MAX_QUEUED_EVENTS = 64
 
-def build_app(runs_dir: str | Path | None = None, models_dir: str | Path | None = None) -> gr.Blocks:
+
+def build_app(
+    runs_dir: str | Path | None = None, models_dir: str | Path | None = None, runs: RunManager | None = None
+) -> gr.Blocks:
+    """The UI for the runs in ``runs_dir`` (or those of ``runs``, an existing RunManager: tests give one
+    with a stand-in trainer) and the local models in ``models_dir``."""
     ctx = UIContext(
-        runs=RunManager(runs_dir or default_runs_dir()),
+        runs=runs or RunManager(runs_dir or default_runs_dir()),
         models_dir=Path(models_dir).resolve() if models_dir else default_models_dir(),
     )
     with gr.Blocks(title="qmoe") as demo:
@@ -55,12 +70,27 @@ def build_app(runs_dir: str | Path | None = None, models_dir: str | Path | None 
         )
         chat_tab.select(chat["refresh_choices"], chat["model"], chat["model"], api_visibility="private")
         compare_tab.select(compare["refresh_choices"], compare["runs"], compare["runs"], api_visibility="private")
+    demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY, max_size=MAX_QUEUED_EVENTS)
     demo.qmoe_context = ctx  # tests and `qmoe ui` read the resolved folders from here
     return demo
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **kwargs) -> tuple:
-    """Serve ``demo``; returns Gradio's (app, local url, share url)."""
+def launch(
+    demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, auth: Accounts | None = None, **kwargs
+) -> tuple:
+    """Serve ``demo``; returns Gradio's (app, local url, share url). With ``auth`` (non-empty), every route
+    needs a login: Gradio's login page and check, plus :class:`LoginRequired` for the routes Gradio leaves
+    open."""
+    if auth:
+        kwargs["auth"] = auth
+        kwargs.setdefault(
+            "auth_message",
+            "qmoe: log in with an account of this UI (its --auth-file or $QMOE_UI_AUTH, or user qmoe with the "
+            "password `qmoe ui --auth-token auto` printed when it started)",
+        )
+        app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(LoginRequired)]
+        kwargs["app_kwargs"] = app_kwargs
     return demo.launch(
         server_name=host,
         server_port=port,

@@ -8,6 +8,7 @@ import gradio as gr
 from .context import UIContext
 from .paths import UnsafePathError
 from .plots import IMBALANCE_HEADERS, imbalance_figure, imbalance_rows, load_heatmap, training_curves
+from .runs import state_label
 
 REFRESH_SECONDS = 2.0
 
@@ -19,7 +20,7 @@ def _load_points(records: list[dict]) -> list[dict]:
 
 def status_markdown(info: dict, records: list[dict], eval_result: dict | None) -> str:
     state = info.get("state", "unknown")
-    parts = [f"**{info['name']}** · state **{state}**"]
+    parts = [f"**{info['name']}** · state **{state_label(info)}**"]
     if info.get("step") is not None:
         parts.append(f"step {info['step']}" + (f"/{info['max_steps']}" if info.get("max_steps") else ""))
     for key, label in (("stage", "stage"), ("method", "method")):

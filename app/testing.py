@@ -22,16 +22,20 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(demo, host: str = "127.0.0.1") -> Iterator[str]:
-    """Launch ``demo`` in this process on a free port; yields its URL; closes it afterwards."""
+def serving(demo, host: str = "127.0.0.1", auth=None) -> Iterator[str]:
+    """Launch ``demo`` in this process on a free port (with ``auth``, a ``qmoe_app.auth.Accounts``, behind
+    the login); yields its URL; closes it afterwards."""
     from .main import launch
 
     port = free_port()
-    launch(demo, host=host, port=port, prevent_thread_lock=True, quiet=True)
+    launch(demo, host=host, port=port, auth=auth, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://{host}:{port}/"
     finally:
         demo.close()
+        context = getattr(demo, "qmoe_context", None)
+        if context is not None:
+            context.runs.close()  # the run-queue thread, if one is waiting
 
 
 def write_contract_run(

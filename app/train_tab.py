@@ -9,9 +9,12 @@ import gradio as gr
 
 from qmoe import rundir
 from qmoe.config import METHODS
+from qmoe.errors import UsageError
 from qmoe.recipe import RecipeError
 
 from .context import UIContext
+from .data_preview import TRAINED, recipe_data_preview
+from .memory_estimate import memory_estimate
 from .paths import UnsafePathError, list_recipes
 from .recipe_form import (
     FIELDS,
@@ -21,6 +24,7 @@ from .recipe_form import (
     method_uses,
     recipe_form_values,
 )
+from .runs import state_label
 
 RUN_HEADERS = ["run", "state", "step", "method", "started", "last error"]
 
@@ -40,7 +44,7 @@ def runs_table(ctx: UIContext) -> list[list]:
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
         elif isinstance(started, str):  # ISO 8601 from the pipeline: date and time are enough here
             started = started[:19].replace("T", " ")
-        state = info["state"]
+        state = state_label(info)
         rows.append(
             [
                 name,
@@ -120,10 +124,20 @@ def build_train_tab(ctx: UIContext) -> dict:
     form = [inputs[f.key] for f in FIELDS]
     with gr.Row():
         preview_button = gr.Button("Preview resolved YAML", elem_id="train-preview")
+        data_button = gr.Button("Preview data", elem_id="train-data-preview")
         launch_button = gr.Button("Launch training", variant="primary", elem_id="train-launch")
     message = gr.Markdown(elem_id="train-message")
+    estimate = gr.Markdown(elem_id="train-memory-estimate")
     with gr.Accordion("Resolved recipe (what qmoe finetune will run)", open=False) as preview_box:
         preview = gr.Code(language="yaml", label=rundir.RECIPE, elem_id="train-yaml", interactive=False)
+    with gr.Accordion("Training data (what qmoe data prints)", open=False) as data_box:
+        data_summary = gr.Markdown(elem_id="train-data-summary")
+        data_examples = gr.HighlightedText(
+            label="First examples as the model sees them (trained-on tokens highlighted)",
+            color_map={TRAINED: "green"},
+            combine_adjacent=True,
+            elem_id="train-data-examples",
+        )
 
     gr.Markdown("### Runs")
     runs = gr.Dataframe(
@@ -136,7 +150,12 @@ def build_train_tab(ctx: UIContext) -> dict:
     )
     with gr.Row():
         run_choice = gr.Dropdown(choices=ctx.runs.list_runs(), label="Run", elem_id="train-run-choice", scale=3)
-        stop_button = gr.Button("Stop run (SIGTERM, saves a checkpoint)", variant="stop", elem_id="train-stop", scale=1)
+        stop_button = gr.Button(
+            "Stop run (SIGTERM, saves a checkpoint) or cancel a queued one",
+            variant="stop",
+            elem_id="train-stop",
+            scale=1,
+        )
     stop_message = gr.Markdown()
     log_tail = gr.Textbox(
         label="Log tail of the selected run", lines=8, max_lines=16, interactive=False, elem_id="train-log"
@@ -183,22 +202,60 @@ def build_train_tab(ctx: UIContext) -> dict:
             return {message: _refused(str(exc))}
         return {message: _ok("valid recipe"), preview: text, preview_box: gr.update(open=True)}
 
-    def launch(name: str | None, *values):
+    def preview_data(name: str | None, *values):
+        try:
+            recipe_, _ = build_recipe(name, _form_dict(values), ctx.models_dir, str(ctx.runs.runs_dir / "preview"))
+            summary, examples = recipe_data_preview(recipe_)
+        except (UsageError, UnsafePathError) as exc:  # RecipeError and bad data (DataError) are UsageErrors
+            return {message: _refused(str(exc))}
+        return {
+            message: _ok("data loaded"),
+            data_summary: summary,
+            data_examples: examples,
+            data_box: gr.update(open=True),
+        }
+
+    def update_estimate(name: str | None, *values):
+        try:
+            recipe_, _ = build_recipe(name, _form_dict(values), ctx.models_dir, str(ctx.runs.runs_dir / "estimate"))
+        except (RecipeError, UnsafePathError):
+            return ""  # the form's own message says what is wrong
+        return memory_estimate(recipe_).markdown
+
+    def launch(name: str | None, held_text: str | None, *values):
         form_values = _form_dict(values)
         try:
-            build_recipe(name, form_values, ctx.models_dir, str(ctx.runs.runs_dir / "check"))
+            recipe_, check_text = build_recipe(name, form_values, ctx.models_dir, str(ctx.runs.runs_dir / "check"))
         except (RecipeError, UnsafePathError) as exc:
             return {message: _refused(str(exc))}
+        # predicted not to fit the detected GPU: the first click holds the launch, a second one confirms it
+        est = memory_estimate(recipe_)
+        if est.too_big and held_text != check_text:
+            return {
+                message: f"**Not launched yet:** {est.markdown.removeprefix('**Memory estimate:** ')} Press Launch "
+                "again to start it anyway.",
+                held: check_text,
+            }
         # the recipe names its own run directory, so create that first (unique even for simultaneous launches)
         run_dir = ctx.runs.new_run_dir(name)
         _, text = build_recipe(name, form_values, ctx.models_dir, str(run_dir))
         run_name = ctx.runs.launch_in(run_dir, text)
+        position = ctx.runs.queue_position(run_name)
+        if position is None:
+            note = f"launched **{run_name}**: follow it in the Monitor tab"
+        else:  # one training per device: this one waits for the run(s) ahead of it
+            device = ctx.runs.device_of(run_name)
+            note = (
+                f"queued **{run_name}** (position {position}): another run is training on {device}; it starts "
+                "when the device frees. Follow it in the Monitor tab; Stop cancels it"
+            )
         return {
-            message: _ok(f"launched **{run_name}**: follow it in the Monitor tab"),
+            message: _ok(note),
             preview: text,
             runs: runs_table(ctx),
             run_choice: gr.update(choices=ctx.runs.list_runs(), value=run_name),
             launched_run: run_name,
+            held: None,
         }
 
     def refresh_runs(selected: str | None, known: list[str]):
@@ -222,6 +279,7 @@ def build_train_tab(ctx: UIContext) -> dict:
 
     adapter_fields = [f for f in FIELDS if f.key.startswith("adapter.") and f.key != "adapter.method"]
     launched_run = gr.State(None)
+    held = gr.State(None)  # the recipe of a launch held for confirmation (predicted not to fit the GPU)
     recipe.change(load_recipe_fields, recipe, form + [message], api_name="recipe_fields")
     reload_button.click(load_recipe_fields, recipe, form + [message], api_visibility="private")
     inputs["adapter.method"].input(
@@ -231,8 +289,28 @@ def build_train_tab(ctx: UIContext) -> dict:
         api_visibility="private",
     )
     preview_button.click(preview_recipe, [recipe] + form, [message, preview, preview_box], api_name="preview")
-    launch_button.click(launch, [recipe] + form, [message, preview, runs, run_choice, launched_run], api_name="launch")
-    stop_button.click(stop, run_choice, stop_message, api_name="stop")
+    data_outputs = [message, data_summary, data_examples, data_box]
+    data_button.click(preview_data, [recipe] + form, data_outputs, api_name="preview_data")
+    # one launch/stop at a time (concurrency_id "runs"): the run queue changes in order
+    # the estimate follows the form (planning reuses the model built on meta; only the last change counts)
+    for component in [recipe, *form]:
+        component.change(
+            update_estimate,
+            [recipe] + form,
+            estimate,
+            api_visibility="private",
+            trigger_mode="always_last",
+            show_progress="hidden",
+        )
+    launch_button.click(
+        launch,
+        [recipe, held] + form,
+        [message, preview, runs, run_choice, launched_run, held],
+        api_name="launch",
+        concurrency_limit=1,
+        concurrency_id="runs",
+    )
+    stop_button.click(stop, run_choice, stop_message, api_name="stop", concurrency_limit=1, concurrency_id="runs")
     run_choice.change(lambda s: ctx.runs.log_tail(s, 20) if s else "", run_choice, log_tail, api_visibility="private")
     timer = gr.Timer(3.0)
     known_runs = gr.State(ctx.runs.list_runs())

@@ -67,7 +67,10 @@ def training_forward(layer: nn.Module, x: torch.Tensor) -> None:
 
 def queue_bytes(layer: nn.Module) -> int:
     """Bytes of the contrastive state kept between steps: the queues and the snapshot of them that the
-    last forward used (kept for gradient checkpointing's replay; after an enqueue it is a second copy)."""
+    last forward used (kept for gradient checkpointing's replay; after an enqueue it is a second copy).
+    The layer's own count (what ``qmoe plan`` uses) where it has one; older versions are counted here."""
+    if hasattr(layer, "contrastive_state_bytes"):
+        return layer.contrastive_state_bytes()
     seen = {}
     tensors = [value for name, value in vars(layer).items() if name.startswith("queue")]
     tensors += list(getattr(layer, "_queue_used", None) or ())

@@ -1,5 +1,8 @@
 """qmoe: mixture-of-LoRA-experts adapters (MoELoRA, LoRACoE, LoRAMoE, LoRA) on 4-bit frozen backbones."""
 
+# first, before anything imports bitsandbytes: drops its one import-time notice (see the module)
+from . import _bnb_notice  # noqa: F401, I001
+
 from .attach import (
     adapter_config,
     adapter_layers,
@@ -8,6 +11,7 @@ from .attach import (
     aux_loss,
     aux_loss_parts,
     clear_aux,
+    detach,
     set_stage,
     trainable_parameters,
 )
@@ -28,6 +32,7 @@ __all__ = [
     "aux_loss",
     "aux_loss_parts",
     "clear_aux",
+    "detach",
     "expert_load",
     "load_adapter",
     "read_adapter_config",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import signal
+
+from .errors import UsageError
 
 _NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\$?\s*\.\d+"
 _MARKERS = (
@@ -68,8 +71,38 @@ def normalize_text(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".")
 
 
-def score(kind: str, generated: str, gold: str) -> tuple[str | None, bool]:
-    """(extracted prediction, correct?) for a task kind: numeric | letter | choice | exact."""
+SCORERS = ("exact", "math-verify")
+
+
+def math_verify_score(generated: str, gold: str) -> tuple[str | None, bool] | None:
+    """(prediction, correct?) by Hugging Face's math-verify (LaTeX, fractions, symbolic equivalence:
+    ``\\boxed{\\frac12}`` equals ``0.5``); None when ``gold`` is not a mathematical answer."""
+    import threading
+
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        raise UsageError("eval.scorer=math-verify needs the math-verify package: pip install 'qmoe[math]'") from None
+    # math-verify bounds its work with SIGALRM, which exists in the main thread only (the UI evaluates in others)
+    timeout = 5 if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGALRM") else None
+    gold_parsed = parse(gold, parsing_timeout=timeout)
+    if not gold_parsed:
+        return None
+    predicted = parse(generated, parsing_timeout=timeout)
+    prediction = str(predicted[-1]) if predicted else None  # math-verify's [sympy value, matched text]
+    return prediction, bool(predicted) and verify(gold_parsed, predicted, timeout_seconds=timeout)
+
+
+def score(kind: str, generated: str, gold: str, scorer: str = "exact") -> tuple[str | None, bool]:
+    """(extracted prediction, correct?) for a task kind: numeric | letter | choice | exact. ``scorer``
+    math-verify compares numeric and mathematical exact answers with math-verify; letters and choices are
+    extracted the same either way."""
+    if scorer not in SCORERS:
+        raise UsageError(f"eval.scorer={scorer!r} is invalid: one of {', '.join(SCORERS)}")
+    if scorer == "math-verify" and kind in ("numeric", "exact"):
+        verified = math_verify_score(generated, gold)
+        if verified is not None:
+            return verified
     if kind == "numeric":
         value = extract_number(generated)
         return (None if value is None else f"{value:g}"), numbers_equal(value, parse_number(gold) if gold else None)

@@ -15,6 +15,7 @@ from .tuners.base import AdapterContext, AdapterLayer
 
 _CONTEXT_ATTR = "_qmoe_context"
 _CONFIG_ATTR = "_qmoe_config"
+_HOOK_ATTR = "_qmoe_mask_hook"
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -70,9 +71,11 @@ def _capture_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     ctx.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
-def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
+def attach(model: nn.Module, config: AdapterConfig, *, layer_cls: type[AdapterLayer] | None = None) -> nn.Module:
     """Wrap every linear module selected by ``config.target_modules`` (``nn.Linear`` or bitsandbytes
-    ``Linear4bit``) with the config's adapter, freeze all other parameters, return the model (in place)."""
+    ``Linear4bit``) with the config's adapter, freeze all other parameters, return the model (in place).
+
+    ``layer_cls``: a subclass of the method's layer to wrap with instead (PEFT's route, qmoe.peft_integration)."""
     if not isinstance(config, AdapterConfig):
         raise TypeError("attach() needs a qmoe.AdapterConfig")
     if getattr(model, _CONFIG_ATTR, None) is not None:
@@ -82,6 +85,10 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
         p.requires_grad_(False)
     context = AdapterContext()
     cls = layer_class(config.method)
+    if layer_cls is not None:
+        if not issubclass(layer_cls, cls):
+            raise TypeError(f"layer_cls must subclass {cls.__name__} for method {config.method!r}")
+        cls = layer_cls
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -92,22 +99,51 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
         setattr(parent, child, layer)
     setattr(model, _CONTEXT_ATTR, context)
     setattr(model, _CONFIG_ATTR, config)
-    model.register_forward_pre_hook(_capture_mask, with_kwargs=True)
+    setattr(model, _HOOK_ATTR, model.register_forward_pre_hook(_capture_mask, with_kwargs=True))
     if config.method == "loracoe":
         set_stage(model, config.stage)
     return model
 
 
+def detach(model: nn.Module) -> nn.Module:
+    """Undo :func:`attach`: put the base linear layers back and drop the adapter, return the model (in place).
+
+    Parameters attach froze stay frozen."""
+    model = unwrap(model)
+    if getattr(model, _CONFIG_ATTR, None) is None:
+        raise ValueError("no qmoe adapter attached to this model")
+    for name in list(adapter_layers(model)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, getattr(parent, child).base_layer)
+    handle = getattr(model, _HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
+    for attr in (_CONTEXT_ATTR, _CONFIG_ATTR, _HOOK_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model qmoe attached to, through wrappers that hold it as ``.module`` (DDP, DataParallel, FSDP):
+    Trainer hands ``compute_loss`` the wrapper, which has neither the adapter config nor the bare layer
+    names."""
+    while getattr(model, _CONFIG_ATTR, None) is None and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, AdapterLayer)}
 
 
 def adapter_config(model: nn.Module) -> AdapterConfig | None:
-    return getattr(model, _CONFIG_ATTR, None)
+    return getattr(unwrap(model), _CONFIG_ATTR, None)
 
 
 def adapter_context(model: nn.Module) -> AdapterContext:
-    ctx = getattr(model, _CONTEXT_ATTR, None)
+    ctx = getattr(unwrap(model), _CONTEXT_ATTR, None)
     if ctx is None:
         raise ValueError("no qmoe adapter attached to this model (call qmoe.attach first)")
     return ctx
@@ -116,6 +152,17 @@ def adapter_context(model: nn.Module) -> AdapterContext:
 def trainable_parameters(model: nn.Module) -> int:
     """Number of parameters that will receive gradients."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def cast_adapter(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Keep the adapter weights in ``dtype`` (e.g. float32 master weights over a bf16 backbone, as PEFT does);
+    the layers cast their input to it and their output back to the backbone's dtype. The backbone is untouched."""
+    for layer in adapter_layers(model).values():
+        for name in layer.adapter_param_names:
+            param = getattr(layer, name)
+            if param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    return model
 
 
 def adapter_parameters(model: nn.Module) -> int:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from . import distributed
 from .rundir import MetricsLog, StatusFile
 from .sysinfo import peak_rss_bytes
 
@@ -68,6 +70,27 @@ class IntervalStats:
         }
 
 
+def tracker_metrics(summary: dict) -> dict[str, float]:
+    """Scalars of an :meth:`IntervalStats.summary` for experiment trackers (``train.report_to``).
+
+    Per-layer loads would be hundreds of series, so routing is summarised over the adapted layers:
+    ``routing/max_load`` is the mean over layers of (largest expert share x experts), 1 under uniform routing
+    and N when collapsed onto one expert; ``routing/entropy`` the mean normalised entropy of the shares (1 =
+    uniform); ``routing/expert_<i>`` expert i's share averaged over layers. The heatmap per layer stays in
+    metrics.jsonl (and the UI)."""
+    metrics = {k: float(summary[k]) for k in ("lm_loss", "balance_loss", "contrastive_loss", "tokens_per_s")}
+    loads = [torch.tensor(v, dtype=torch.float64) for v in summary.get("expert_load", {}).values() if len(v) > 1]
+    if loads and len({len(v) for v in loads}) == 1:
+        shares = torch.stack(loads)  # [layers, experts]
+        experts = shares.shape[1]
+        metrics["routing/max_load"] = float((shares.max(1).values * experts).mean())
+        entropy = -(shares * shares.clamp_min(1e-12).log()).sum(1) / math.log(experts)
+        metrics["routing/entropy"] = float(entropy.mean())
+        for i, share in enumerate(shares.mean(0).tolist()):
+            metrics[f"routing/expert_{i}"] = share
+    return metrics
+
+
 # ------------------------------------------------------------------------------------------- signals
 
 
@@ -78,14 +101,28 @@ class StopRequest:
         self.signal_name: str | None = None
         self.signum = 0
 
+    def agree(self) -> bool:
+        """Whether to stop now. Data parallel: a signal that reached any process stops every process at the
+        same point (one all-reduce; the processes call this at the same places), so they save one consistent
+        checkpoint instead of one waiting forever in a collective the others never join."""
+        if distributed.world_size() == 1:
+            return self.signal_name is not None
+        signum = distributed.all_reduce_max(self.signum)
+        if signum and self.signal_name is None:
+            self.signal_name, self.signum = signal.Signals(signum).name, signum
+        return signum != 0
 
-def install_signal_handlers(stop: StopRequest) -> dict[int, object]:
-    """SIGINT/SIGTERM set ``stop`` (a second one raises KeyboardInterrupt: stop now); returns the previous
-    handlers for :func:`restore_signal_handlers`. Nothing is installed outside the main thread."""
+
+def install_signal_handlers(stop: StopRequest, second_stops_now: bool = True) -> dict[int, object]:
+    """SIGINT/SIGTERM set ``stop`` (a second one raises KeyboardInterrupt: stop now, unless
+    ``second_stops_now`` is False); returns the previous handlers for :func:`restore_signal_handlers`. Nothing
+    is installed outside the main thread."""
     previous: dict[int, object] = {}
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         if stop.signal_name is not None:  # second signal: stop now
+            if not second_stops_now:
+                return
             raise KeyboardInterrupt
         stop.signal_name = signal.Signals(signum).name
         stop.signum = signum
@@ -160,7 +197,7 @@ class MetricsCallback(TrainerCallback):
         if state.global_step >= state.max_steps:
             control.should_save = True  # always end a stage with a checkpoint (resume and next stage use it)
             control.should_log = True
-        if self.stop.signal_name is not None:
+        if self.stop.agree():
             log.warning(
                 "%s received: saving a checkpoint at step %d, then stopping",
                 self.stop.signal_name,

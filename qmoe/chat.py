@@ -1,9 +1,11 @@
 """Chatting with a tuned model, shared by ``qmoe chat`` and the UI's Chat tab.
 
-``load_chat_model(path=None, base_source=None, quantization="nf4", compute_dtype="auto", device="auto")``
+``load_chat_model(path=None, base_source=None, quantization="nf4", compute_dtype="auto", device="auto",
+revision=None)``
     -> :class:`ChatModel`. ``path`` is a run directory (its recipe names the base model and its ``adapter/``
     is loaded), an adapter folder (base model from ``base_source`` or the folder's
-    ``base_model_name_or_path``), or None for the base model alone (``base_source``, default the builtin
+    ``base_model_name_or_path``), a hub repo id of an adapter (``owner/name``, downloaded into the hub cache;
+    ``revision`` picks a branch, tag or commit), or None for the base model alone (``base_source``, default the builtin
     SmolLM2). Raises ``qmoe.errors.UsageError`` with one line when something cannot be loaded.
 
 ``stream_reply(chat_model, messages, max_new_tokens=256, temperature=0.0, trace=False)``
@@ -38,16 +40,29 @@ class ChatModel:
     source: str
     adapter_dir: Path | None = None
     routed_layers: list[str] = field(default_factory=list)
+    dequantized: bool = False  # the frozen 4-bit weights are held dequantised (qmoe.inference.dequantize_frozen)
+    merged: bool = False  # the LoRA adapter is folded into the weights
 
 
-def resolve_adapter(path: str | Path | None, base_source: str | None = None) -> tuple[str, str, str, Path | None]:
-    """(base source, quantization, compute dtype, adapter dir or None) for a run dir, adapter dir or None."""
+def resolve_adapter(
+    path: str | Path | None, base_source: str | None = None, revision: str | None = None
+) -> tuple[str, str, str, Path | None]:
+    """(base source, quantization, compute dtype, adapter dir or None) for a run dir, adapter dir, hub repo id
+    of an adapter (downloaded into the hub cache, at ``revision``) or None."""
+    from .hub import download_adapter, is_repo_id
     from .recipe import load_recipe
     from .rundir import ADAPTER, RECIPE
     from .serialization import AdapterError, read_adapter_config
 
     if path is None:
         return base_source or DEFAULT_SOURCE, "nf4", "auto", None
+    if is_repo_id(path):
+        try:
+            path = download_adapter(str(path), revision)
+        except AdapterError as exc:
+            raise UsageError(str(exc)) from None
+    elif revision is not None:
+        raise UsageError(f"--revision applies to hub repo ids, not to the local folder {path}")
     path = Path(path)
     if not path.exists():
         raise UsageError(f"not found: {path}")
@@ -61,10 +76,22 @@ def resolve_adapter(path: str | Path | None, base_source: str | None = None) -> 
         _, _, raw = read_adapter_config(path)
     except AdapterError as exc:
         raise UsageError(str(exc)) from None
-    source = base_source or raw.get("base_model_name_or_path")
+    source = base_source or _recorded_base(raw.get("base_model_name_or_path"))
     if not source:
         raise UsageError(f"{path} does not name its base model; pass the base model explicitly (--base)")
     return source, "nf4", "auto", path
+
+
+def _recorded_base(name: str | None) -> str | None:
+    """The base model an adapter folder names, as a source this machine can load: the folder a builtin model
+    was converted into (a path on the machine that trained) means that builtin model."""
+    from .models import BUILTIN_GGUF
+
+    if name and not Path(name).exists():
+        for source, (_, _, folder) in BUILTIN_GGUF.items():
+            if Path(name).name == folder:
+                return source
+    return name
 
 
 def load_chat_model(
@@ -73,22 +100,36 @@ def load_chat_model(
     quantization: str | None = None,
     compute_dtype: str | None = None,
     device: str = "auto",
+    revision: str | None = None,
+    dequantize: str = "auto",
+    merge: bool = False,
 ) -> ChatModel:
+    """(see the module docstring) ``dequantize`` auto | on | off: keep a dequantised copy of the frozen 4-bit
+    weights (auto: on CPU when it fits in free RAM; qmoe.inference); ``merge``: fold a LoRA adapter into the
+    weights (a mixture raises UsageError)."""
     from .attach import adapter_layers
+    from .inference import dequantize_frozen, merge_lora
     from .models import load_base_model
     from .serialization import AdapterError, load_adapter
 
-    source, quant, dtype, adapter_dir = resolve_adapter(path, base_source)
-    model, tokenizer, _ = load_base_model(source, quantization or quant, compute_dtype or dtype, device)
+    source, quant, dtype, adapter_dir = resolve_adapter(path, base_source, revision)
+    if merge and adapter_dir is None:
+        raise UsageError("--merge needs an adapter (a run directory or adapter folder) to merge")
+    model, tokenizer, device = load_base_model(source, quantization or quant, compute_dtype or dtype, device)
     if adapter_dir is not None:
         try:
             load_adapter(model, adapter_dir)
         except AdapterError as exc:
             raise UsageError(str(exc)) from None
+    if merge:
+        model = merge_lora(model)
+    dequantized = dequantize_frozen(model, dequantize, device)
     model.eval()
     model.config.use_cache = True
-    routed = [name for name, layer in adapter_layers(model).items() if layer.routed] if adapter_dir else []
-    return ChatModel(model, tokenizer, source, adapter_dir, routed)
+    routed = (
+        [name for name, layer in adapter_layers(model).items() if layer.routed] if adapter_dir and not merge else []
+    )
+    return ChatModel(model, tokenizer, source, adapter_dir, routed, dequantized, merge)
 
 
 def stream_reply(

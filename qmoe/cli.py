@@ -13,8 +13,12 @@ from qmoe.errors import UsageError  # absolute: the same class when this file ru
 # name -> (module, one-line help)
 COMMANDS = {
     "finetune": ("qmoe.commands.finetune", "fine-tune a 4-bit model with an adapter recipe"),
+    "plan": ("qmoe.commands.plan", "will a recipe fit my GPU? peak memory from the model's config, no weights"),
+    "data": ("qmoe.commands.data", "show what a recipe trains on: counts, lengths, truncation, masked examples"),
     "eval": ("qmoe.commands.evaluate", "evaluate a run or adapter folder (or the base model)"),
     "chat": ("qmoe.commands.chat", "chat with a tuned model in the terminal, optionally showing routing"),
+    "merge": ("qmoe.commands.merge", "fold a lora adapter into its base model: a plain transformers folder"),
+    "push": ("qmoe.commands.push", "upload an adapter (with its model card) to the Hugging Face Hub"),
     "bench": ("qmoe.commands.bench", "benchmark adapter layers and training steps against PEFT LoRA"),
     "compare": ("qmoe.commands.compare", "train and evaluate several recipes, write RESULTS.md"),
     "ui": ("qmoe.commands.ui", "start the Gradio web UI"),

@@ -200,19 +200,38 @@ def llm_adapters_record(record: dict, path: str | Path, index: int) -> dict:
     return {"prompt": prompt, "target": target, "gold": gold}
 
 
-def llm_adapters_path(task: str) -> Path | None:
-    """``<shared>/data/llm-adapters/dataset/<task>/test.json`` when the shared data folder is present."""
+def data_roots() -> list[Path]:
+    """Where builtin data files are looked for: $QMOE_DATA_DIR, $QMOE_SHARED/data, the checkout's ../shared/data."""
     roots = [
         os.environ.get("QMOE_DATA_DIR"),
         os.environ.get("QMOE_SHARED") and Path(os.environ["QMOE_SHARED"]) / "data",
+        Path(__file__).resolve().parents[2] / "shared" / "data",
     ]
-    roots.append(Path(__file__).resolve().parents[2] / "shared" / "data")
-    for root in roots:
-        if not root:
-            continue
+    return [Path(root) for root in roots if root]
+
+
+def llm_adapters_path(task: str) -> Path | None:
+    """``<shared>/data/llm-adapters/dataset/<task>/test.json`` when the shared data folder is present."""
+    for root in data_roots():
         for candidate in (
-            Path(root) / "llm-adapters" / "dataset" / task / "test.json",
-            Path(root) / task / "test.json",
+            root / "llm-adapters" / "dataset" / task / "test.json",
+            root / task / "test.json",
+        ):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def llm_adapters_train_path(name: str) -> Path | None:
+    """An LLM-Adapters training file: ``ft-training_set/<name>.json`` (math_10k, commonsense_170k, ...) or
+    ``dataset/<name>/train.json`` (boolq, ARC-Easy, ...), under one of :func:`data_roots`."""
+    for root in data_roots():
+        for candidate in (
+            root / "llm-adapters" / "ft-training_set" / f"{name}.json",
+            root / "ft-training_set" / f"{name}.json",
+            root / "llm-adapters" / "dataset" / name / "train.json",
+            root / name / "train.json",
+            root / f"{name}.json",
         ):
             if candidate.is_file():
                 return candidate
@@ -230,7 +249,9 @@ def load_llm_adapters(path: Path, limit: int | None = None) -> list[dict]:
 
 def load_jsonl_pairs(path: str | None, prompt_field: str, answer_field: str, limit: int | None = None) -> list[dict]:
     if not path:
-        raise DataError("data.task=jsonl needs data.path (a .jsonl file with prompt and answer fields)")
+        raise DataError(
+            "the jsonl task needs a file: eval.path (or --data) with data.prompt_field and data.answer_field"
+        )
     file = Path(path).expanduser()
     records = read_records(file)
     if limit:
@@ -243,20 +264,6 @@ def load_jsonl_pairs(path: str | None, prompt_field: str, answer_field: str, lim
 
 
 # ------------------------------------------------------------------------------------------- dispatch
-
-
-def load_train_records(data: DataSection) -> list[dict]:
-    """Training records for a recipe's ``data`` section."""
-    if data.task == "gsm8k":
-        return load_gsm8k("train", data.path, data.limit)
-    if data.task == "commonsense":
-        if not data.path:
-            raise DataError(
-                "data.task=commonsense needs data.path: an LLM-Adapters style .json/.jsonl "
-                "(instruction, output, answer), e.g. commonsense_170k.json"
-            )
-        return load_llm_adapters(Path(data.path).expanduser(), data.limit)
-    return load_jsonl_pairs(data.path, data.prompt_field, data.answer_field, data.limit)
 
 
 def resolve_eval_task(task: str) -> tuple[str, str]:
@@ -307,25 +314,119 @@ def apply_prompt_template(records: list[dict], template: str) -> list[dict]:
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: str | None = None) -> str:
     """The prompt rendered through the tokenizer's chat template, ending where the assistant answer starts."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": prompt}
-    ]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        single_turn(prompt, None, system_prompt), tokenize=False, add_generation_prompt=True
+    )
+
+
+def single_turn(prompt: str, answer: str | None, system_prompt: str | None = None) -> list[dict]:
+    """[system,] user[, assistant] messages of a prompt/answer pair."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": prompt})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+class TemplateError(DataError):
+    """The chat template cannot render a conversation turn by turn (or refuses it)."""
+
+
+def chat_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[tuple[str, bool]]:
+    """The conversation as rendered by the model's chat template, cut into (text, trained) pieces.
+
+    Each assistant turn's span is found by rendering prefixes: the conversation up to the turn with the
+    generation prompt (where the model starts answering), then up to and including the turn. Every piece
+    in between (system, user, tool turns, template markup) is context only. Templates that do not render
+    conversations prefix by prefix (the text of a prefix changes once more turns follow) are refused.
+    """
+
+    def render(part: list[dict], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(part, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - jinja's errors (raise_exception in templates) are arbitrary
+            raise TemplateError(f"the chat template refuses this conversation ({str(exc).splitlines()[0]})") from None
+
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:i], True)
+        after = render(messages[: i + 1], False)
+        if not before.startswith(done) or not after.startswith(before):
+            raise TemplateError(
+                "the chat template does not render this conversation prefix by prefix (earlier turns change "
+                "when later ones follow), so the assistant turns cannot be located; use a single-turn format"
+            )
+        if len(before) > len(done):
+            segments.append((before[len(done) :], False))
+        segments.append((after[len(before) :], True))
+        done = after
+    return segments
+
+
+def encode_segments(
+    tokenizer: PreTrainedTokenizerBase, conversations: list[list[tuple[str, bool]]], max_length: int
+) -> list[dict]:
+    """Token ids and labels of segmented conversations (one batched tokenizer call for all pieces).
+
+    A trained piece is labelled up to and including the end-of-sequence token that closes the turn (the
+    template's text after it, e.g. ChatML's newline, is context); when the piece has no such token, one is
+    appended so the model learns to stop. Trailing context (nothing left to predict) is dropped. Each result
+    holds ``input_ids``, ``labels``, ``n_tokens`` (before truncation), ``truncated`` (truncation cut trained
+    tokens) and ``dropped`` ('' or why the example cannot train).
+    """
+    texts = [text for segments in conversations for text, _ in segments]
+    pieces = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    eos = tokenizer.eos_token_id
+    specials = set(tokenizer.all_special_ids)
+    out = []
+    for segments in conversations:
+        ids: list[int] = []
+        labels: list[int] = []
+        for _, trained in segments:
+            piece = list(next(pieces))
+            if not trained:
+                ids += piece
+                labels += [-100] * len(piece)
+                continue
+            if eos in piece:
+                cut = piece.index(eos) + 1
+            elif piece and piece[-1] in specials:
+                cut = len(piece)
+            else:
+                piece.append(eos)
+                cut = len(piece)
+            ids += piece
+            labels += piece[:cut] + [-100] * (len(piece) - cut)
+        while labels and labels[-1] == -100:  # context after the last answer: nothing to predict from it
+            labels.pop()
+            ids.pop()
+        n_tokens = len(ids)
+        truncated = any(label != -100 for label in labels[max_length:])
+        ids, labels = ids[:max_length], labels[:max_length]
+        if not segments:
+            dropped = "no assistant turn"
+        elif all(label == -100 for label in labels):
+            dropped = f"prompt longer than max_length={max_length}"
+        else:
+            dropped = ""
+        out.append(
+            {"input_ids": ids, "labels": labels, "n_tokens": n_tokens, "truncated": truncated, "dropped": dropped}
+        )
+    return out
 
 
 def tokenize_example(
     tokenizer: PreTrainedTokenizerBase, record: dict, max_length: int, system_prompt: str | None = None
 ) -> dict | None:
     """input_ids/labels with labels -100 on the prompt; None when truncation leaves no answer token."""
-    prompt_ids = tokenizer(chat_prompt(tokenizer, record["prompt"], system_prompt), add_special_tokens=False)[
-        "input_ids"
-    ]
-    answer_ids = tokenizer(record["target"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length]
-    if all(label == -100 for label in labels):
+    segments = chat_segments(tokenizer, single_turn(record["prompt"], record["target"], system_prompt))
+    encoded = encode_segments(tokenizer, [segments], max_length)[0]
+    if encoded["dropped"]:
         return None
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": encoded["input_ids"], "labels": encoded["labels"]}
 
 
 def tokenize_records(

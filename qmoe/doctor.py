@@ -308,12 +308,38 @@ def check_disk(runs_dir: Path) -> list[Check]:
     return checks
 
 
+def check_cpu_4bit_kernel() -> Check:
+    """Which kernel bitsandbytes multiplies 4-bit weights with on this CPU (qmoe/__init__.py silences its
+    import-time notice about the optional hub kernel; this line is where that information went)."""
+    name = "4-bit CPU kernel"
+    if installed_version("bitsandbytes") is None:
+        return Check(name, False, "bitsandbytes is not installed", required=False)
+    try:
+        import bitsandbytes  # noqa: F401 - registers its CPU backend
+        from bitsandbytes.backends.cpu import ops
+    except ImportError as exc:
+        return Check(name, False, f"bitsandbytes' CPU backend does not import: {exc}", required=False)
+
+    dequantized = "qmoe chat/eval on CPU hold a dequantised copy instead when it fits in RAM (--dequantize)"
+    if not hasattr(ops, "gemm_4bit_forward_kernel"):
+        detail = f"no AVX512-BF16: bitsandbytes dequantises each 4-bit weight per forward; {dequantized}"
+    elif ops.gemm_4bit_forward_kernel is not None:
+        detail = f"kernels-community/quantization-bitsandbytes gemm_4bit_forward (hub kernel, bf16); {dequantized}"
+    else:
+        detail = (
+            "bitsandbytes' built-in bf16 4-bit kernel (the optional hub kernel needs the `kernels` package and the "
+            f"Hugging Face hub); {dequantized}"
+        )
+    return Check(name, True, detail, required=False)
+
+
 def run_checks(runs_dir: Path, gpu_required: bool = False) -> list[Check]:
     """Every check, in the order they are shown."""
     ranges = tested_ranges()
     checks = [check_python(), check_torch(ranges)]
     checks += check_cuda(gpu_required)
     checks.append(check_bitsandbytes(ranges))
+    checks.append(check_cpu_4bit_kernel())
     checks.append(check_triton(ranges))
     checks += [
         version_check(name, ranges, required=name not in NOT_REQUIRED) for name in ("transformers", "peft", "gradio")

@@ -71,9 +71,11 @@ def evaluate_records(
     system_prompt: str | None = None,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    scorer: str = "exact",
 ) -> dict:
-    """Generate for every record and score it; the eval.json payload. ``should_stop()`` is checked
-    between batches (a stop request during the final evaluation of a run)."""
+    """Generate for every record and score it (``scorer``: exact | math-verify, see ``qmoe.answers.score``);
+    the eval.json payload. ``should_stop()`` is checked between batches (a stop request during the final
+    evaluation of a run)."""
     was_training = model.training
     model.eval()
     use_cache = getattr(model.config, "use_cache", None)
@@ -87,7 +89,7 @@ def evaluate_records(
             chunk = records[start : start + batch_size]
             outputs = generate(model, tokenizer, [r["prompt"] for r in chunk], max_new_tokens, system_prompt)
             for offset, (record, text) in enumerate(zip(chunk, outputs, strict=False)):
-                prediction, correct = score(kind, text, record["gold"])
+                prediction, correct = score(kind, text, record["gold"], scorer)
                 predictions.append(
                     {
                         "index": start + offset,
@@ -107,6 +109,7 @@ def evaluate_records(
     return {
         "task": task,
         "kind": kind,
+        "scorer": scorer,
         "n": len(predictions),
         "correct": correct,
         "accuracy": correct / len(predictions) if predictions else 0.0,
@@ -128,6 +131,7 @@ def run_evaluation(
     out_file: Path | None = None,
     extra: dict | None = None,
     should_stop: Callable[[], bool] | None = None,
+    scorer: str = "exact",
 ) -> dict:
     """Load the test set of ``task``, evaluate, and write ``out_file`` atomically when given."""
     kind, name = resolve_eval_task(task)
@@ -145,6 +149,7 @@ def run_evaluation(
         max_new_tokens=max_new_tokens,
         system_prompt=system_prompt,
         should_stop=should_stop,
+        scorer=scorer,
     )
     if extra:
         result = {

@@ -58,6 +58,23 @@ checks them too):
 ``PretrainedConfig._name_or_path`` in ``qmoe/serialization.py``
     the base model recorded in ``adapter_config.json`` (the public ``config.name_or_path`` reads the same).
 argparse's ``ArgumentParser._subparsers`` in ``tests/test_ui.py`` (test code only).
+
+PEFT (``qmoe.peft_integration`` registers MoELoRA, LoRACoE and LoRAMoE as PEFT methods):
+
+``peft.utils.register_peft_method`` is PEFT's extension point, but it refuses any name that is not a member of
+the closed enum ``peft.utils.PeftType``, so a method living outside PEFT cannot call it. :func:`register_peft_type`
+writes the dicts it writes (``peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING``, ``PEFT_TYPE_TO_TUNER_MAPPING``
+and ``PEFT_TYPE_TO_PREFIX_MAPPING``; the first two are exported by ``peft``), keyed by qmoe's own ``str`` enum,
+which PEFT's lookups by the string in ``adapter_config.json`` find. If PEFT renames the dicts:
+``PeftModel.from_pretrained`` raises ``KeyError: 'MOELORA'``. When ``register_peft_method`` accepts outside names
+the test fails and says so: call it instead.
+``BaseTuner._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)``
+    a classmethod that ``set_peft_model_state_dict`` calls on the tuner class with the folder's tensors;
+    :class:`PeftTunerHooks` forwards it to ``check_loaded_state`` so a folder missing some adapter tensors is an
+    error (PEFT's own missing-key warning matches the adapter name in keys, which qmoe's keys do not carry).
+    If renamed: a folder with missing tensors loads with those layers at their initial values, silently.
+``BaseTuner._create_and_replace``
+    abstract in ``BaseTuner``; qmoe wraps modules in the public ``inject_adapter`` instead, so it only raises.
 """
 
 from __future__ import annotations
@@ -75,6 +92,8 @@ TRANSFORMERS_VERSION = transformers.__version__
 # the files Trainer's private state writers create and train(resume_from_checkpoint=...) reads back
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")  # scaler.pt only with mixed precision
+# with several processes (data parallel) ``_save_rng_state`` writes one file per process instead of rng_state.pth
+RNG_STATE_FILE, RNG_STATE_PER_PROCESS = "rng_state.pth", "rng_state_{}.pth"
 
 
 class TrainerHooks(Trainer):
@@ -101,7 +120,9 @@ class TrainerHooks(Trainer):
 
     def save_training_state(self, directory: Path) -> None:
         """Optimizer, scheduler, scaler, RNG and trainer state into ``directory``, as ``_save_checkpoint``
-        writes them (so ``train(resume_from_checkpoint=directory)`` restores them)."""
+        writes them (so ``train(resume_from_checkpoint=directory)`` restores them). Data parallel: called on
+        every process (``store_flos`` is a collective, each process writes its own RNG state); the optimizer,
+        scheduler, scaler and trainer state are written by the main process only (``args.should_save``)."""
         self.store_flos()
         self._save_optimizer_and_scheduler(str(directory))
         self._save_scaler(str(directory))
@@ -113,7 +134,8 @@ class TrainerHooks(Trainer):
                 self.state.stateful_callbacks[name].append(cb.state())
             else:
                 self.state.stateful_callbacks[name] = cb.state()
-        self.state.save_to_json(str(directory / TRAINER_STATE_FILE))
+        if self.args.should_save:
+            self.state.save_to_json(str(directory / TRAINER_STATE_FILE))
 
     # -- the private overrides, forwarded -------------------------------------------------------------------
 
@@ -149,3 +171,48 @@ def remove_log_printers(trainer: Trainer) -> None:
     for printer in {ProgressCallback, PrinterCallback, DEFAULT_PROGRESS_CALLBACK}:
         while trainer.pop_callback(printer) is not None:
             pass
+
+
+# ---- PEFT -------------------------------------------------------------------------------------------------------
+# (peft is already imported with transformers' Trainer, so importing it here costs nothing extra)
+from peft.mapping import (  # noqa: E402
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
+from peft.tuners.tuners_utils import BaseTuner  # noqa: E402
+
+
+def register_peft_type(peft_type: str, config_cls: type, tuner_cls: type, prefix: str) -> None:
+    """What ``peft.utils.register_peft_method`` does, for a method outside PEFT's enum (see the docstring).
+
+    Idempotent for the same classes; a different method already under the name is an error."""
+    for mapping, value in (
+        (PEFT_TYPE_TO_CONFIG_MAPPING, config_cls),
+        (PEFT_TYPE_TO_TUNER_MAPPING, tuner_cls),
+        (PEFT_TYPE_TO_PREFIX_MAPPING, prefix),
+    ):
+        current = mapping.get(peft_type)
+        if current is not None and current != value:
+            raise ValueError(f"PEFT already has a method {peft_type!r} ({current!r}); qmoe cannot register its own")
+    PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
+    PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+    PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = tuner_cls
+
+
+class PeftTunerHooks(BaseTuner):
+    """``BaseTuner`` with its private extension points forwarded to public-named hooks a subclass implements:
+    :meth:`check_loaded_state` (tensors read from a folder, before they are loaded)."""
+
+    @classmethod
+    def check_loaded_state(cls, model: nn.Module, state_dict: dict) -> None:
+        """Raise when ``state_dict`` (keys as the model names them) does not cover the model's adapter."""
+
+    def _create_and_replace(self, *args, **kwargs) -> None:
+        raise AssertionError("qmoe tuners wrap modules in inject_adapter; _create_and_replace is never called")
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        cls.check_loaded_state(model, state_dict)
+        return state_dict

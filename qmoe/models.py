@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import distributed
 from .errors import UsageError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger("qmoe")
 
@@ -145,27 +146,77 @@ def load_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def bnb_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig:
+    """How qmoe quantizes a frozen backbone (nf4 | fp4): nf4 with double quantization, as QLoRA does."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=quantization == "nf4",
+    )
+
+
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def check_attn_implementation(attn_implementation: str, device: str, dtype: torch.dtype) -> None:
+    """UsageError naming ``model.attn_implementation`` when the chosen kernel cannot run here."""
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise UsageError(
+            f"model.attn_implementation={attn_implementation!r} is invalid: one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if attn_implementation != "flash_attention_2":
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if device != "cuda" or not is_flash_attn_2_available():
+        raise UsageError(
+            "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn package "
+            f"(device is {device}, flash-attn {'found' if is_flash_attn_2_available() else 'not installed'}); "
+            "use sdpa or eager"
+        )
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise UsageError(
+            f"model.attn_implementation=flash_attention_2 computes in float16/bfloat16 only (compute dtype is "
+            f"{str(dtype).removeprefix('torch.')}); set model.compute_dtype=bfloat16 or use sdpa"
+        )
+
+
 def load_base_model(
-    source: str, quantization: str = "nf4", compute_dtype: str = "auto", device: str = "auto"
+    source: str,
+    quantization: str = "nf4",
+    compute_dtype: str = "auto",
+    device: str = "auto",
+    attn_implementation: str = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """(model, tokenizer, device) with the backbone frozen in ``quantization`` (nf4 | fp4 | none)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """(model, tokenizer, device) with the backbone frozen in ``quantization`` (nf4 | fp4 | none), attention
+    computed by ``attn_implementation`` (auto = transformers' choice | sdpa | eager | flash_attention_2)."""
+    from transformers import AutoModelForCausalLM
 
     device = pick_device(device)
     dtype = pick_dtype(compute_dtype, device)
+    check_attn_implementation(attn_implementation, device, dtype)
     path_or_id = resolve_source(source)
     tokenizer = load_tokenizer(path_or_id)
     kwargs = dict(dtype=dtype, device_map=device)
+    if attn_implementation != "auto":
+        kwargs["attn_implementation"] = attn_implementation
+    if device == "cuda" and distributed.launched():
+        # data parallel: each process its own GPU (device_map="cuda" would put every process's copy on GPU 0)
+        kwargs["device_map"] = {"": distributed.local_rank()}
     if quantization != "none":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quantization,
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=quantization == "nf4",
-        )
+        kwargs["quantization_config"] = bnb_config(quantization, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
     except OSError as exc:
         raise UsageError(f"cannot load model {source}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:  # e.g. an architecture without an SDPA or flash-attention implementation
+        if attn_implementation == "auto" or "attn" not in str(exc).lower():
+            raise
+        raise UsageError(
+            f"model.attn_implementation={attn_implementation} does not work with {source}: {str(exc).splitlines()[0]}"
+        ) from None
     model.config.use_cache = False
     return model, tokenizer, device

@@ -15,7 +15,7 @@ import difflib
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +25,11 @@ from .errors import UsageError
 from .rundir import RECIPE
 
 BUILTIN_MODELS = ("builtin:smollm2-135m-instruct",)
+# train.optim values (transformers' names); paged ones need CUDA
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+PAGED_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")
+# train.report_to values besides "none" (transformers' integration names)
+TRACKERS = ("tensorboard", "wandb", "trackio")
 
 
 class RecipeError(UsageError):
@@ -53,6 +58,11 @@ class ModelSection(_Section):
         True, description="recompute activations in the backward pass (non-reentrant): less memory, ~30% slower"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train; 'auto' = cuda if available")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="attention kernel: 'auto' = transformers' choice (sdpa where the model supports it), sdpa, "
+        "eager (plain PyTorch), or flash_attention_2 (needs the flash-attn package and a CUDA GPU)",
+    )
 
     @field_validator("source")
     @classmethod
@@ -64,31 +74,89 @@ class ModelSection(_Section):
         return value
 
 
+# formats a DataSection can name; 'gsm8k' is prompt-answer on question/answer minus GSM8K's <<calculator>> notes
+DATA_FORMATS = ("auto", "prompt-answer", "alpaca", "sharegpt", "messages", "gsm8k")
+# the old data.task values (still accepted in recipes and overrides) and the format each one meant
+LEGACY_TASK_FORMATS = {"gsm8k": "gsm8k", "commonsense": "alpaca", "jsonl": "prompt-answer"}
+
+
 class DataSection(_Section):
-    task: Literal["gsm8k", "commonsense", "jsonl"] = Field(
+    # old recipes name their data with task + path; both are mapped onto source/format before validation
+    LEGACY_KEYS: ClassVar[tuple[str, ...]] = ("task", "path")
+
+    source: str = Field(
         "gsm8k",
-        description="gsm8k: grade-school math, numeric answers; commonsense: multiple choice in the LLM-Adapters "
-        "format (instruction, output, answer); jsonl: your own prompt/answer pairs",
+        description="training data: builtin 'gsm8k' or 'llm-adapters:<name>' (math_10k, commonsense_170k, boolq, "
+        "...; found in $QMOE_DATA_DIR or the shared data folder), a .jsonl/.json/.parquet/.csv file, a folder "
+        "written by datasets' save_to_disk (or holding <split>.jsonl), or a hub dataset id (when online)",
     )
-    path: str | None = Field(
-        None,
-        description="training data: a .jsonl/.json file or (gsm8k) a folder with train.jsonl; empty = "
-        "$QMOE_DATA_DIR, then the hub, then the packaged offline set (announced in the log)",
+    format: Literal[DATA_FORMATS] = Field(
+        "auto",
+        description="record layout: auto (detected from the columns, logged) | prompt-answer (prompt_field, "
+        "answer_field) | alpaca (instruction, optional input, output) | sharegpt (conversations of from/value) "
+        "| messages (role/content, OpenAI style) | gsm8k (question/answer with '#### N')",
     )
-    prompt_field: str = Field("question", description="jsonl task: the field holding the prompt")
-    answer_field: str = Field("answer", description="jsonl task: the field holding the target answer")
+    split: str = Field(
+        "train",
+        description="split of a hub dataset or save_to_disk folder (a file has only 'train'; 'train[:1000]' slices it)",
+    )
+    subset: str | None = Field(None, description="configuration (subset) of a hub dataset (empty = its default)")
+    prompt_field: str = Field("question", description="prompt-answer format: the field holding the prompt")
+    answer_field: str = Field("answer", description="prompt-answer format: the field holding the target answer")
+    instruction_field: str = Field("instruction", description="alpaca format: the field holding the instruction")
+    input_field: str = Field("input", description="alpaca format: the optional field appended to the instruction")
+    output_field: str = Field("output", description="alpaca format: the field holding the target response")
+    messages_field: str | None = Field(
+        None, description="sharegpt/messages formats: the field holding the turns (empty = conversations / messages)"
+    )
     prompt_template: str = Field(
         "{prompt}",
-        description="the user message; {prompt} is replaced by the example's question (e.g. "
-        "'{prompt}\\nEnd with: #### <number>')",
+        description="the user message of single-turn formats; {prompt} is replaced by the example's question (e.g. "
+        "'{prompt}\\nEnd with: #### <number>'); conversations keep their user turns as written",
     )
     system_prompt: str | None = Field(
-        None, description="optional system message put before every prompt through the chat template"
+        None,
+        description="optional system message put before every prompt through the chat template (conversations "
+        "with their own system turn keep it)",
     )
     max_length: int = Field(
-        512, ge=16, le=32768, description="tokens per example (prompt + answer); longer examples are truncated"
+        512,
+        ge=16,
+        le=32768,
+        description="tokens per example (whole conversation); longer examples are truncated, and a cut answer is "
+        "counted and reported",
     )
     limit: int | None = Field(None, ge=1, description="use only the first N training examples (empty = all)")
+    num_proc: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="processes tokenising the data (empty = 1 below 20000 examples, else up to 8); the result is "
+        "cached under $QMOE_CACHE/data",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_task_path(cls, values: Any) -> Any:
+        if not isinstance(values, dict) or not any(k in values for k in cls.LEGACY_KEYS):
+            return values
+        values = dict(values)
+        task, path = values.pop("task", None), values.pop("path", None)
+        if task is not None and task not in LEGACY_TASK_FORMATS:
+            raise ValueError(
+                f"data.task (the old name of data.source/data.format) must be one of "
+                f"{', '.join(LEGACY_TASK_FORMATS)} (got {task!r})"
+            )
+        if path:
+            if values.get("source") not in (None, path):
+                raise ValueError("give data.source only: data.path is its old name")
+            values["source"] = path
+            values.setdefault("format", LEGACY_TASK_FORMATS[task or "gsm8k"])
+        elif task in (None, "gsm8k"):
+            values.setdefault("source", "gsm8k")
+        else:
+            raise ValueError(f"data.task={task} needs a file: set data.source to your .json/.jsonl file")
+        return values
 
     @field_validator("prompt_template")
     @classmethod
@@ -96,6 +164,38 @@ class DataSection(_Section):
         if "{prompt}" not in value:
             raise ValueError("must contain {prompt}, where the example's question goes")
         return value
+
+    @field_validator("source")
+    @classmethod
+    def _source_named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name the training data (gsm8k, llm-adapters:<name>, a file, a folder or a hub id)")
+        if value.startswith("llm-adapters:") and not value.split(":", 1)[1]:
+            raise ValueError("llm-adapters: needs a name, e.g. llm-adapters:math_10k or llm-adapters:boolq")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _builtin_formats(self) -> DataSection:
+        if self.source == "gsm8k" and self.format not in ("auto", "gsm8k"):
+            raise ValueError(f"data.format={self.format} does not apply to the builtin source gsm8k (use auto)")
+        if self.source.startswith("llm-adapters:") and self.format not in ("auto", "alpaca"):
+            raise ValueError(f"data.format={self.format} does not apply to {self.source}, alpaca-format (use auto)")
+        return self
+
+    @property
+    def eval_task(self) -> str:
+        """The evaluation task these training data imply (``eval.task`` empty): gsm8k, commonsense, an
+        LLM-Adapters test set, or jsonl (exact match on ``eval.path``)."""
+        from .data import LLM_ADAPTERS_TASKS  # lazy: data imports torch
+
+        if self.source == "gsm8k" or self.format == "gsm8k":
+            return "gsm8k"
+        if self.source.startswith("llm-adapters:"):
+            name = self.source.split(":", 1)[1]
+            if name in LLM_ADAPTERS_TASKS:
+                return name
+            return "commonsense" if name.startswith("commonsense") else "gsm8k"
+        return "jsonl"
 
 
 class Stage(_Section):
@@ -125,6 +225,24 @@ class TrainSection(_Section):
     warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="fraction of the steps spent warming the lr up from 0")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay on adapter parameters")
     max_grad_norm: float = Field(1.0, ge=0, le=1000, description="gradient clipping norm (0 = no clipping)")
+    optim: Literal[OPTIMIZERS] = Field(
+        "adamw_torch",
+        description="optimizer: adamw_torch | adamw_torch_fused (PyTorch AdamW) | adamw_bnb_8bit (bitsandbytes "
+        "8-bit AdamW: optimizer state in 8 bits, CPU or GPU) | paged_adamw_8bit / paged_adamw_32bit (bitsandbytes "
+        "AdamW whose state pages out to CPU memory under GPU memory pressure; CUDA only)",
+    )
+    adapter_dtype: Literal["float32", "bfloat16", "float16", "compute"] = Field(
+        "float32",
+        description="dtype of the trainable adapter weights (their master copy): float32 as PEFT keeps them "
+        "(stable updates at small learning rates), or 'compute' = model.compute_dtype (less memory, bf16 "
+        "rounding of every update); the frozen backbone is unaffected",
+    )
+    report_to: str | list[str] = Field(
+        "none",
+        description="experiment trackers that receive every logged step (losses, lr, routing load): none, "
+        "tensorboard (event files in RUN/tensorboard/), wandb, trackio, or a list of them; each needs its "
+        "package installed (pip install 'qmoe[track]' for tensorboard)",
+    )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="seed of weights init, dropout and data order")
     logging_steps: int = Field(10, ge=1, le=100000, description="write a metrics.jsonl line every N steps")
     checkpoint_steps: int = Field(
@@ -137,18 +255,41 @@ class TrainSection(_Section):
         "epochs/steps and lr (empty = one stage, adapter.stage, with the values above)",
     )
 
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: str | list[str]) -> str | list[str]:
+        names = [value] if isinstance(value, str) else value
+        unknown = [n for n in names if n not in ("none", *TRACKERS)]
+        if unknown or not names:
+            valid = ", ".join(("none", *TRACKERS))
+            raise ValueError(f"must be one of {valid}, or a list of them (got {unknown[0] if unknown else value!r})")
+        return value
+
+    @property
+    def trackers(self) -> list[str]:
+        """``report_to`` as a list of transformers integration names (empty for none)."""
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return list(dict.fromkeys(n for n in names if n != "none"))
+
 
 class EvalSection(_Section):
     enabled: bool = Field(True, description="evaluate the adapter after training (writes eval.json)")
     task: str | None = Field(
         None,
         description="gsm8k, commonsense, jsonl, an LLM-Adapters task name (e.g. SVAMP, boolq) or a test.json path "
-        "(empty = data.task)",
+        "(empty = what data.source implies: gsm8k, the llm-adapters task, else jsonl on eval.path)",
     )
     path: str | None = Field(None, description="test data file or folder (empty = the task's default test set)")
     limit: int | None = Field(200, ge=1, description="evaluate on the first N test examples (empty = all)")
     batch_size: int = Field(8, ge=1, le=1024, description="prompts generated together")
     max_new_tokens: int = Field(256, ge=1, le=8192, description="longest generated answer")
+    scorer: Literal["exact", "math-verify"] = Field(
+        "exact",
+        description="how math answers are compared with the gold one: exact (qmoe's number extraction: '#### N', "
+        "'the answer is N', \\boxed{N}, last number) or math-verify (Hugging Face's math-verify: LaTeX and "
+        "symbolic equivalence, so \\boxed{\\frac12} equals 0.5; pip install 'qmoe[math]'); choice and letter "
+        "tasks are scored the same either way",
+    )
 
 
 class Recipe(_Section):
@@ -188,6 +329,8 @@ def _check_keys(data: Any, model: type[BaseModel], where: str) -> None:
         return
     fields = model.model_fields
     for key, value in data.items():
+        if key in getattr(model, "LEGACY_KEYS", ()):
+            continue  # an old name the section's own validator maps onto the current fields
         if key not in fields:
             raise _unknown_key_error(where, str(key), list(fields))
         annotation = fields[key].annotation
@@ -243,6 +386,23 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _apply_legacy_data_override(node: dict, key: str, value: Any) -> None:
+    """``data.path=X`` / ``data.task=T`` (the old names) as their current fields, so an override of the old name
+    replaces the recipe's ``source``/``format`` instead of clashing with them."""
+    if key == "path":
+        if value:
+            node["source"] = value
+        return
+    if value not in LEGACY_TASK_FORMATS:
+        raise RecipeError(
+            f"data.task (the old name of data.source/data.format) must be one of {', '.join(LEGACY_TASK_FORMATS)} "
+            f"(got {value!r})"
+        )
+    node["format"] = (
+        "auto" if value == "gsm8k" and node.get("source", "gsm8k") == "gsm8k" else LEGACY_TASK_FORMATS[value]
+    )
+
+
 def apply_overrides(recipe_dict: dict, overrides: Iterable[str] | None) -> dict:
     """A copy of ``recipe_dict`` with ``section.key=value`` overrides applied (values parsed as YAML).
 
@@ -257,9 +417,13 @@ def apply_overrides(recipe_dict: dict, overrides: Iterable[str] | None) -> dict:
         node = result
         where = ""
         for depth, part in enumerate(path):
-            if model is not None and part not in model.model_fields:
+            legacy = model is not None and part in getattr(model, "LEGACY_KEYS", ())
+            if model is not None and part not in model.model_fields and not legacy:
                 raise _unknown_key_error(where, part, list(model.model_fields))
             last = depth == len(path) - 1
+            if last and legacy:
+                _apply_legacy_data_override(node, part, value)
+                break
             if last:
                 node[part] = value
                 break

@@ -26,7 +26,7 @@ def routing(model: nn.Module) -> dict[str, dict]:
             "counts": None if layer.last_counts is None else layer.last_counts.cpu().tolist(),
             "load": layer.last_load.float().cpu().tolist(),
             "tokens": int(layer.last_tokens),
-            "trace": [rec["weights"] for rec in layer.trace_records],
+            "trace": [rec["weights"].float().cpu() for rec in layer.trace_records],
         }
     return out
 

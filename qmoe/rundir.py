@@ -27,6 +27,7 @@ LOG = "train.log"
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 EVAL = "eval.json"
+PLAN = "plan.json"  # qmoe plan's memory estimate, written before the model is loaded
 LOCK = ".lock"
 RESULTS = (METRICS, CHECKPOINTS, ADAPTER, EVAL)  # anything here means the directory holds a run's results
 STAGE_DONE = "stage_done.json"  # in checkpoints/<i>-<stage>/: that stage finished, and its last checkpoint
@@ -94,10 +95,12 @@ class RunLock:
 
 class StatusFile:
     """``status.json``: state running|finished|failed|stopped, pid, started, updated, step, max_steps,
-    stage, error, trainable_parameters, method, kernel_backend. Every update rewrites it atomically."""
+    stage, error, trainable_parameters, method, kernel_backend. Every update rewrites it atomically;
+    ``write=False`` (the non-main processes of a data-parallel run) keeps the data and writes nothing."""
 
-    def __init__(self, run_dir: Path, method: str, max_steps: int | None = None):
+    def __init__(self, run_dir: Path, method: str, max_steps: int | None = None, *, write: bool = True):
         self.path = run_dir / STATUS
+        self.write = write
         self.data = {
             "state": "running",
             "pid": os.getpid(),
@@ -114,14 +117,17 @@ class StatusFile:
     def update(self, **fields: object) -> None:
         self.data.update(fields)
         self.data["updated"] = now()
-        atomic_write_json(self.path, self.data)
+        if self.write:
+            atomic_write_json(self.path, self.data)
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logging step, appended and fsynced line by line."""
+    """``metrics.jsonl``: one JSON object per logging step, appended and fsynced line by line (``write=False``:
+    appends nothing, for the non-main processes of a data-parallel run)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, *, write: bool = True):
         self.path = run_dir / METRICS
+        self.write = write
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records logged after the checkpoint, so steps are never duplicated."""
@@ -138,6 +144,8 @@ class MetricsLog:
             return f.read(1) != b"\n"
 
     def append(self, record: dict) -> None:
+        if not self.write:
+            return
         line = json.dumps(record) + "\n"
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)

@@ -446,7 +446,7 @@ def test_corrupt_or_mismatched_adapter_names_the_file(tiny_4bit, tmp_path):
     with pytest.raises(qmoe.AdapterError, match="adapter.safetensors"):
         qmoe.load_adapter(tiny_4bit(), tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    cfg["qmoe"]["r"] = 8
+    cfg["r"] = 8
     qmoe.save_adapter(model, tmp_path / "b")
     (tmp_path / "b" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(qmoe.AdapterError, match=r"layer model\.layers\.0\..*shape"):

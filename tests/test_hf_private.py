@@ -140,3 +140,56 @@ def test_installed_transformers_is_the_tested_range():
         f"transformers {VERSION} is installed but pyproject.toml tests {requirement.specifier}: run this file "
         "against the new version, adapt qmoe/hf_private.py, then move the range"
     )
+
+
+# ---- PEFT (qmoe.peft_integration) ---------------------------------------------------------------------------
+
+
+def peft_broken(what: str) -> str:
+    import peft
+
+    return f"peft {peft.__version__}: {what}; qmoe/hf_private.py relies on it (see its docstring for what breaks)"
+
+
+def test_peft_register_method_still_refuses_methods_outside_its_enum():
+    from peft import PeftConfig
+    from peft.utils import register_peft_method
+
+    # if this ever registers, PEFT opened its extension point: call it from register_peft_type instead
+    with pytest.raises(ValueError, match="Unknown PEFT type"):
+        register_peft_method(name="qmoeprobe", config_cls=PeftConfig, model_cls=hf_private.PeftTunerHooks)
+
+
+def test_peft_register_method_writes_the_dicts_qmoe_writes():
+    from peft.utils import register_peft_method
+
+    source = inspect.getsource(register_peft_method)
+    for name, value in (
+        ("PEFT_TYPE_TO_CONFIG_MAPPING", "config_cls"),
+        ("PEFT_TYPE_TO_TUNER_MAPPING", "model_cls"),
+        ("PEFT_TYPE_TO_PREFIX_MAPPING", "prefix"),
+    ):
+        assert f"{name}[peft_type] = {value}" in source, peft_broken(f"register_peft_method no longer sets {name}")
+    writes = set(re.findall(r"(PEFT_TYPE_TO_\w+)\[peft_type\] =", source))
+    # the mixed-model dict only for is_mixed_compatible methods, which qmoe's are not
+    known = {"CONFIG", "TUNER", "PREFIX", "MIXED_MODEL"}
+    assert writes <= {f"PEFT_TYPE_TO_{k}_MAPPING" for k in known}, peft_broken(f"register_peft_method writes {writes}")
+
+
+def test_peft_tuner_private_hooks_keep_their_signature_and_callers():
+    from peft.tuners.tuners_utils import BaseTuner
+    from peft.utils import save_and_load
+
+    remap = inspect.signature(BaseTuner._remap_adapter_state_dict_for_load)
+    assert tuple(remap.parameters) == ("model", "config", "adapter_name", "state_dict"), peft_broken(
+        f"BaseTuner._remap_adapter_state_dict_for_load now takes {tuple(remap.parameters)}"
+    )
+    assert "tuner_cls._remap_adapter_state_dict_for_load(" in inspect.getsource(
+        save_and_load.set_peft_model_state_dict
+    ), peft_broken("set_peft_model_state_dict no longer calls the tuner's _remap_adapter_state_dict_for_load")
+    assert "_create_and_replace" in BaseTuner.__abstractmethods__, peft_broken(
+        "BaseTuner._create_and_replace is no longer the abstract method qmoe stubs"
+    )
+    assert not (BaseTuner.__abstractmethods__ - set(vars(hf_private.PeftTunerHooks))), peft_broken(
+        f"BaseTuner has new abstract methods {sorted(BaseTuner.__abstractmethods__)}"
+    )

@@ -185,7 +185,7 @@ def test_loracoe_stages_run_in_one_command(make_recipe):
     assert records[0]["lr"] == 2e-4 and records[3]["lr"] == 5e-5  # each stage starts at its own lr (no warm-up)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == 5 and status["stage"] == "joint"
-    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["qmoe"]["stage"] == "joint"
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["stage"] == "joint"
 
 
 def test_lora_reports_an_empty_expert_load(make_recipe):

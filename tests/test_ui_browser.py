@@ -1,7 +1,9 @@
 """Browser end-to-end: headless Debian Chromium driven by Playwright through all four tabs on a tiny model.
-Train: launch the quickstart recipe twice (MoELoRA and LoRACoE) as real `qmoe finetune` subprocesses;
-Monitor: the loss curves and expert-load heatmap appear and the run finishes; Chat: a streamed reply
-with tokens coloured by their top expert and a selected token's routing heatmap; Compare: both runs.
+The page is served behind the UI's login, which the browser fills in first. Train: launch the quickstart
+recipe twice (MoELoRA and LoRACoE) as real `qmoe finetune` subprocesses (the second waits in the run queue
+until the first has finished: one training per device); Monitor: the loss curves and expert-load heatmap
+appear and the run finishes; Chat: a streamed reply with tokens coloured by their top expert and a selected
+token's routing heatmap; Compare: both runs.
 
 Screenshots of each tab go to test-output/ui/; with QMOE_UPDATE_SCREENSHOTS=1 they are also copied to
 docs/screenshots/ (the README's pictures). Needs `scripts/install_browser.sh` (chromium + playwright)."""
@@ -21,6 +23,7 @@ playwright_api = pytest.importorskip(
     "playwright.sync_api", reason="pip install playwright (scripts/install_browser.sh)"
 )
 
+from qmoe_app.auth import Accounts  # noqa: E402
 from qmoe_app.main import build_app  # noqa: E402
 from qmoe_app.testing import serving  # noqa: E402
 
@@ -38,6 +41,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 TRAIN_TIMEOUT_MS = 240_000
+LOGIN = ("alice", "wonderland")  # the UI is served behind its login, as `qmoe ui --host 0.0.0.0` requires
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -58,7 +62,9 @@ def served(tmp_path_factory):
         env.setenv("HF_HUB_OFFLINE", "1")
         env.setenv("TQDM_DISABLE", "1")
         demo = build_app(root / "runs", models)
-        with serving(demo) as url:
+        accounts = Accounts()
+        accounts.add(*LOGIN, "test")
+        with serving(demo, auth=accounts) as url:
             yield url, demo.qmoe_context
 
 
@@ -76,6 +82,9 @@ def page(served):
         )
         page = browser.new_page()
         page.goto(url)
+        page.get_by_label("username").fill(LOGIN[0])
+        page.get_by_label("password").fill(LOGIN[1])
+        page.get_by_role("button", name="Login").click()
         page.wait_for_selector("#train-launch")
         yield page
         browser.close()
@@ -124,9 +133,10 @@ def screenshot(page, name: str) -> Path:
 
 
 def launched_name(page, previous: str | None) -> str:
-    """The run name the Train tab reports after a launch (a different one than ``previous``)."""
+    """The run name the Train tab reports after a launch (a different one than ``previous``): started, or
+    queued while the other run trains on the same device."""
     message = page.locator("#train-message")
-    pattern = re.compile(r"launched (\S+): follow")
+    pattern = re.compile(r"(?:launched|queued) (\S+?)(?::| \(position)")
     playwright_api.expect(message).to_contain_text(pattern, timeout=30_000)
     for _ in range(60):
         name = pattern.search(message.inner_text()).group(1)
@@ -159,7 +169,7 @@ def test_train_tab_launches_the_quickstart_recipe_on_a_tiny_model(page, served):
     playwright_api.expect(page.locator("#train-message")).to_contain_text("valid recipe", timeout=20_000)
     page.click("#train-launch")
     first = launched_name(page, None)
-    # a second run, LoRACoE, started while the first trains: its own directory
+    # a second run, LoRACoE, launched while the first trains: its own directory; it waits for the device
     choose(page, "field-adapter-method", "loracoe")
     playwright_api.expect(page.locator("#field-adapter-top_k")).to_be_hidden()
     page.click("#train-launch")

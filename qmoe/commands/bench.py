@@ -25,6 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-memory", action="store_true", help="skip the per-configuration peak-memory child processes"
     )
     parser.add_argument(
+        "--generate",
+        action="store_true",
+        help="instead: generation tokens/s of the base model vs each method's adapter (batch 1 and 16, prefill "
+        "and decode separately; qmoe/bench/generate.py)",
+    )
+    parser.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens generated per run (default 32)")
+    parser.add_argument("--repeats", type=int, default=3, help="--generate: timed interleaved rounds (default 3)")
+    parser.add_argument(
         "--methods",
         nargs="+",
         metavar="METHOD",
@@ -59,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    err = Console(stderr=True)
+    if args.generate:
+        return _run_generate(args, device, err)
     plan = plan_for(device, quick=args.quick)
     if args.methods:
         unknown = [m for m in args.methods if m not in METHOD_SETTINGS]
@@ -67,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
         plan.layer_methods = [m for m in args.methods if m != "moelora-nocl"]
         plan.step_methods = list(args.methods)
     plan.memory = not args.no_memory
-    err = Console(stderr=True)
     result = run_bench(plan, progress=lambda msg: err.print(msg, highlight=False))
     result["meta"]["command"] = command_line(args)
     print_table(result)
@@ -75,4 +85,37 @@ def run(args: argparse.Namespace) -> int:
         write_json(result, args.json)
     if args.markdown:
         Path(args.markdown).write_text(markdown(result))
+    return 0
+
+
+def _run_generate(args: argparse.Namespace, device: str, err) -> int:
+    import json
+
+    from ..bench.adapters import METHOD_SETTINGS
+    from ..bench.generate import markdown_generation, measure_generation
+    from ..cli import command_line
+    from ..errors import UsageError
+    from ..io import atomic_write_text
+
+    methods = args.methods or ["moelora", "loracoe", "loramoe", "lora"]
+    unknown = [m for m in methods if m not in METHOD_SETTINGS]
+    if unknown:
+        raise UsageError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_SETTINGS)}")
+    for name in ("new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    result = measure_generation(
+        device=device,
+        methods=methods,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        progress=lambda msg: err.print(msg, highlight=False),
+    )
+    result["meta"]["command"] = command_line(args)
+    table = markdown_generation(result)
+    print(table, end="")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        atomic_write_text(args.markdown, table)
     return 0

@@ -13,8 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "path",
         nargs="?",
         metavar="ADAPTER_OR_RUN_DIR",
-        help="run directory or adapter folder (omit to chat with the base model)",
+        help="run directory, adapter folder or hub repo id of an adapter (omit to chat with the base model)",
     )
+    parser.add_argument("--revision", help="branch, tag or commit of a hub adapter repo (default: main)")
     parser.add_argument("--base", help="base model source (default: from the run's recipe or the adapter folder)")
     parser.add_argument("--routing", action="store_true", help="after each reply, print every token's top experts")
     parser.add_argument(
@@ -25,6 +26,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--system", help="system message")
+    parser.add_argument(
+        "--dequantize",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="keep a dequantised copy of the frozen 4-bit weights instead of dequantising them for every token "
+        "(same numerics, faster on CPU); auto (default): on CPU when the copy fits in free RAM",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="fold a lora adapter into the weights (base-model speed; the merged layers are kept dense); "
+        "mixtures cannot be merged",
+    )
 
 
 def pick_layer(routed: list[str], wanted: str | None) -> str:
@@ -41,12 +55,16 @@ def pick_layer(routed: list[str], wanted: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..chat import load_chat_model, stream_reply, top_experts
 
-    chat = load_chat_model(args.path, base_source=args.base)
+    chat = load_chat_model(
+        args.path, base_source=args.base, revision=args.revision, dequantize=args.dequantize, merge=args.merge
+    )
     layer = pick_layer(chat.routed_layers, args.layer) if args.routing else None
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print(
         f"chatting with {chat.source}"
         + (f" + {chat.adapter_dir}" if chat.adapter_dir else "")
+        + (" (merged)" if chat.merged else "")
+        + ("; 4-bit weights dequantised once in RAM (--dequantize off keeps them 4-bit)" if chat.dequantized else "")
         + (f"; routing of {layer}" if layer else "")
         + ". Empty line or Ctrl-D quits.",
         file=sys.stderr,

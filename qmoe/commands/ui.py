@@ -32,6 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder whose model sub-folders the UI may offer as local models "
         "(default $QMOE_UI_MODELS_DIR, else $QMOE_CACHE/models or ~/.cache/qmoe/models)",
     )
+    parser.add_argument(
+        "--auth-file",
+        type=Path,
+        default=None,
+        help="require a login: FILE holds user:password lines (also $QMOE_UI_AUTH=user:password); "
+        "needed for a --host other than loopback",
+    )
+    parser.add_argument(
+        "--auth-token",
+        choices=["auto"],
+        default=None,
+        help="require a login with user 'qmoe' and a random password printed once at start (stored nowhere)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,9 +60,16 @@ def run(args: argparse.Namespace) -> int:
         raise
     if args.runs_dir is not None and args.runs_dir.exists() and not args.runs_dir.is_dir():
         raise UsageError(f"--runs-dir {args.runs_dir} is not a folder")
+    from qmoe_app.auth import resolve_accounts
+
+    accounts, login_line = resolve_accounts(args.host, args.auth_file, args.auth_token)  # refuses before any work
     demo = build_app(runs_dir=args.runs_dir, models_dir=args.models_dir)
     ctx = demo.qmoe_context
     print(f"qmoe ui: runs in {ctx.runs.runs_dir}, local models from {ctx.models_dir}", flush=True)
     port = args.port or (int(os.environ["GRADIO_SERVER_PORT"]) if os.environ.get("GRADIO_SERVER_PORT") else None)
-    launch(demo, host=args.host, port=port)
+    if accounts:
+        print(f"qmoe ui: login required ({', '.join(sorted(set(accounts.origins.values())))})", flush=True)
+    if login_line:
+        print(login_line, flush=True)  # the only place the generated password ever appears
+    launch(demo, host=args.host, port=port, auth=accounts or None)
     return 0

@@ -4,6 +4,7 @@ routing telemetry and auxiliary-loss bookkeeping."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,6 +33,22 @@ def in_recomputation() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+# Inference fast path (eval mode, no autograd): fused weights cached between calls, the fewest ops per layer,
+# telemetry deferred until read. QMOE_FAST_INFERENCE=0 or set_fast_inference(False) runs the training code path
+# (the reference the fast one is tested against).
+_fast_inference = os.environ.get("QMOE_FAST_INFERENCE", "1").strip() not in ("0", "false", "no")
+
+
+def set_fast_inference(enabled: bool) -> None:
+    """Use the inference fast path in eval-mode no-grad forwards (default on) or always the reference path."""
+    global _fast_inference
+    _fast_inference = bool(enabled)
+
+
+def fast_inference_enabled() -> bool:
+    return _fast_inference
+
+
 def base_dtype(base: nn.Module) -> torch.dtype:
     """The dtype the base layer computes in: ``compute_dtype`` for bitsandbytes 4-bit, the weight's otherwise."""
     compute = getattr(base, "compute_dtype", None)
@@ -43,6 +60,17 @@ def base_dtype(base: nn.Module) -> torch.dtype:
 
 def base_device(base: nn.Module) -> torch.device:
     return base.weight.device
+
+
+def _valid_mask(mask: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+    """Bool mask over the flattened tokens of an input of ``shape`` ([..., seq, in]) that are not padding."""
+    if mask is None or len(shape) < 3:
+        return None
+    seq = shape[-2]
+    if mask.shape[0] != shape[0] or mask.shape[-1] < seq:
+        return None
+    # with a KV cache the mask covers past + current tokens; the current ones are the last `seq`
+    return mask[:, -seq:].reshape(-1).to(device=device, dtype=torch.bool)
 
 
 class AdapterLayer(nn.Module):
@@ -62,11 +90,13 @@ class AdapterLayer(nn.Module):
         self.out_features = base_layer.out_features
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scale = config.scale
-        # telemetry of the last forward: detached, never part of the autograd graph
-        self.last_counts: torch.Tensor | None = None
-        self.last_load: torch.Tensor | None = None
-        self.last_tokens: int = 0
+        # telemetry of the last forward: detached, never part of the autograd graph; computed from
+        # ``_routing_pending`` (what record_routing kept) when first read, so forwards nobody reads cost nothing
+        self._routing_pending: tuple | None = None
+        self._telemetry: tuple[torch.Tensor | None, torch.Tensor | None, int] = (None, None, 0)
         self.trace_records: list[dict] = []
+        # inference fast path: (key, fused weights) built from the adapter parameters, rebuilt when they change
+        self._inference_cache: tuple | None = None
         # auxiliary losses of the last training forward, by name: tensors in the graph, or zero-argument callables
         # that compute one when first asked (aux_losses), outside gradient checkpointing's recomputed region
         self.aux: dict[str, torch.Tensor | Callable[[], torch.Tensor]] = {}
@@ -83,14 +113,12 @@ class AdapterLayer(nn.Module):
 
     def valid_token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
         """Bool mask over the flattened tokens of ``x`` ([..., seq, in]) that are not padding, or None."""
-        mask = self.context.attention_mask
-        if mask is None or x.dim() < 3:
-            return None
-        seq = x.shape[-2]
-        if mask.shape[0] != x.shape[0] or mask.shape[-1] < seq:
-            return None
-        # with a KV cache the mask covers past + current tokens; the current ones are the last `seq`
-        return mask[:, -seq:].reshape(-1).to(device=x.device, dtype=torch.bool)
+        return _valid_mask(self.context.attention_mask, x.shape, x.device)
+
+    def deferred_valid_mask(self, x: torch.Tensor) -> Callable[[], torch.Tensor | None] | None:
+        """:meth:`valid_token_mask` for record_routing, computed only if the telemetry is read."""
+        mask, shape, device = self.context.attention_mask, x.shape, x.device
+        return None if mask is None else (lambda: _valid_mask(mask, shape, device))
 
     def record_routing(
         self, weights: torch.Tensor, valid: torch.Tensor | None, chosen: torch.Tensor | None = None
@@ -102,22 +130,48 @@ class AdapterLayer(nn.Module):
         token-slots per expert. Without it (dense methods) a token counts for its most weighted expert and
         ``load`` is the mean weight. Padding (``valid`` False) is excluded; traces keep every token.
         """
-        if in_recomputation():
+        # meta tensors (qmoe.plan's shape-only forward): telemetry keeps nothing for backward, and bincount has
+        # no meta kernel
+        if in_recomputation() or weights.device.type == "meta":
             return
-        with torch.no_grad():
-            experts = weights.shape[-1]
-            w = weights if valid is None else weights[valid]
-            ids = w.argmax(-1) if chosen is None else (chosen if valid is None else chosen[valid])
-            counts = torch.bincount(ids.reshape(-1), minlength=experts)
-            if w.shape[0] == 0:  # nothing but padding: an even split, on the tensor's own device
-                load = torch.full((experts,), 1.0 / experts, device=weights.device)
-            elif chosen is None:
-                load = w.float().mean(0)
-            else:
-                load = counts.float() / counts.sum()
-            self.last_counts, self.last_load, self.last_tokens = counts, load, w.shape[0]
-            if self.context.trace and not torch.is_grad_enabled():
-                self.trace_records.append({"weights": weights.float().cpu()})
+        # ``valid`` may be a zero-argument callable (the fast path defers even the padding mask)
+        self._routing_pending = (weights.detach(), valid, None if chosen is None else chosen.detach())
+        if self.context.trace and not torch.is_grad_enabled():
+            # kept on the device; qmoe.routing moves traces to the CPU when read (no sync per layer and token)
+            self.trace_records.append({"weights": weights.detach()})
+
+    def _routing_telemetry(self) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        """(counts, load, tokens) of the last recorded forward, computed from what record_routing kept."""
+        if self._routing_pending is not None:
+            weights, valid, chosen = self._routing_pending
+            self._routing_pending = None
+            if callable(valid):
+                valid = valid()
+            with torch.no_grad():
+                experts = weights.shape[-1]
+                w = weights if valid is None else weights[valid]
+                ids = w.argmax(-1) if chosen is None else (chosen if valid is None else chosen[valid])
+                counts = torch.bincount(ids.reshape(-1), minlength=experts)
+                if w.shape[0] == 0:  # nothing but padding: an even split, on the tensor's own device
+                    load = torch.full((experts,), 1.0 / experts, device=weights.device)
+                elif chosen is None:
+                    load = w.float().mean(0)
+                else:
+                    load = counts.float() / counts.sum()
+                self._telemetry = (counts, load, w.shape[0])
+        return self._telemetry
+
+    @property
+    def last_counts(self) -> torch.Tensor | None:
+        return self._routing_telemetry()[0]
+
+    @property
+    def last_load(self) -> torch.Tensor | None:
+        return self._routing_telemetry()[1]
+
+    @property
+    def last_tokens(self) -> int:
+        return self._routing_telemetry()[2]
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """The auxiliary losses of the last training forward, computing deferred ones once."""
@@ -133,6 +187,12 @@ class AdapterLayer(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if _fast_inference and not self.training and not torch.is_grad_enabled():
+            return self.forward_inference(x, *args, **kwargs)
+        return self.forward_reference(x, *args, **kwargs)
+
+    def forward_reference(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The training code path (autograd, dropout, auxiliary losses); any mode."""
         result = self.base_layer(x, *args, **kwargs)
         dtype = self.adapter_dtype
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -145,6 +205,52 @@ class AdapterLayer(nn.Module):
 
     def delta(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    # ---- inference fast path ----------------------------------------------------------------------------
+    def forward_inference(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Eval-mode no-grad forward: the same function as :meth:`forward_reference` (up to float rounding)
+        with the weights fused once (:meth:`inference_weights`), no dropout, and the output matmul added
+        into the base layer's result in place."""
+        result = self.base_layer(x, *args, **kwargs)
+        up, down_t = self.inference_weights()
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.dtype != up.dtype:
+            flat = flat.to(up.dtype)
+        gated = self.inference_gated(flat, up, x)
+        if result.dtype == gated.dtype and result.is_contiguous():
+            result.view(-1, self.out_features).addmm_(gated, down_t)
+            return result
+        return result + (gated @ down_t).reshape(*x.shape[:-1], self.out_features).to(result.dtype)
+
+    def inference_gated(self, flat: torch.Tensor, up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The rank-space activations [T, R] that ``down_t`` maps to the output (routing telemetry recorded
+        here); ``up`` is what :meth:`fused_weights` built."""
+        return flat @ up.t()
+
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up [R', in], down_t [R, out]) for the fast path, built from the parameters: by default LoRA's
+        A and (scale * B)^T. Routed methods stack their router onto ``up``."""
+        return self.lora_A.detach(), (self.lora_B.detach() * self.scale).t()
+
+    def inference_key(self) -> tuple:
+        """What the fused weights depend on: each parameter's storage and in-place version (optimizer steps,
+        load_state_dict and copy_ bump it), plus what subclasses add (e.g. LoRACoE's stage)."""
+        return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self._adapter_params())
+
+    def _adapter_params(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.adapter_param_names]
+
+    def inference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self.inference_key()
+        cache = self._inference_cache
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = self._inference_cache = (key, self.fused_weights())
+        return cache[1]
+
+    def train(self, mode: bool = True) -> AdapterLayer:
+        self._inference_cache = None  # back to training: the parameters will change; free the fused copy
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels import loracoe_routing
+from ...kernels import backend_for, loracoe_routing, requested_backend
 from ..base import AdapterContext, AdapterLayer
 
 if TYPE_CHECKING:  # (qmoe.config imports the tuners' defaults)
@@ -40,6 +40,7 @@ class LoraCoELayer(AdapterLayer):
         # 'rank': weights sum to r (uniform = LoRA); 'paper': weights sum to 1 (the literal formula)
         self.composition_factor = float(r) if config.composition_scale == "rank" else 1.0
         self.stage = config.stage
+        self._inference_backend = "torch"  # what the fast path's composition runs on (set with its weights)
 
     def set_stage(self, stage: str) -> None:
         self.stage = stage
@@ -53,3 +54,29 @@ class LoraCoELayer(AdapterLayer):
         gated, weights = loracoe_routing(z, self.config.num_experts, self.config.r, self.composition_factor)
         self.record_routing(weights, valid)  # the "experts" of LoRACoE's telemetry are its r ranks
         return F.linear(gated, self.lora_B) * self.scale
+
+    # -- inference fast path (AdapterLayer.forward_inference) ---------------------------------------------
+    def inference_key(self) -> tuple:
+        return (*super().inference_key(), self.stage, requested_backend())
+
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stage == "warmup":
+            return super().fused_weights()
+        self._inference_backend = backend_for(self.lora_A, "loracoe", (self.config.num_experts, self.config.r))
+        up = torch.cat([self.lora_A, self.router], 0).detach()
+        return up, (self.lora_B.detach() * self.scale).t()
+
+    def inference_gated(self, flat: torch.Tensor, up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        z = flat @ up.t()
+        if self.stage == "warmup":
+            return z
+        e, r = self.config.num_experts, self.config.r
+        if self._inference_backend == "triton":  # one fused kernel instead of the ops below (CUDA decode)
+            from ...kernels.triton_kernels import loracoe_forward
+
+            gated, weights = loracoe_forward(z, e, r, self.composition_factor)
+        else:
+            weights = torch.softmax(z[:, r:].reshape(-1, e, r).float(), dim=-1).mean(1)
+            gated = z[:, :r] * (weights * self.composition_factor).to(z.dtype)
+        self.record_routing(weights, self.deferred_valid_mask(x))
+        return gated

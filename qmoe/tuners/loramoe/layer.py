@@ -45,3 +45,15 @@ class LoraMoELayer(AdapterLayer):
         self.record_routing(probs, valid)  # dense gate: a token counts for its most weighted expert
         gated = h * probs.repeat_interleave(r // n, dim=-1)
         return F.linear(gated, self.lora_B) * self.scale
+
+    # -- inference fast path (AdapterLayer.forward_inference) ---------------------------------------------
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        up = torch.cat([self.lora_A, self.router], 0).detach()
+        return up, (self.lora_B.detach() * self.scale).t()
+
+    def inference_gated(self, flat: torch.Tensor, up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        n, r = self.config.num_experts, self.config.r
+        z = flat @ up.t()
+        probs = torch.softmax(z[:, r:].float(), dim=-1).to(z.dtype)
+        self.record_routing(probs, self.deferred_valid_mask(x))
+        return (z[:, :r].reshape(-1, n, r // n) * probs[:, :, None]).reshape(-1, r)

@@ -17,19 +17,44 @@ import torch.nn.functional as F
 _NORM_FLOOR = 1e-12
 
 
-def load_balancing_loss(probs: torch.Tensor, top_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(
+    probs: torch.Tensor,
+    top_ids: torch.Tensor,
+    num_experts: int,
+    global_totals: torch.Tensor | None = None,
+    processes: int = 1,
+) -> torch.Tensor:
     """N * sum_i f_i * P_i (paper §3.3.1, after Shazeer et al. / Switch Transformer).
 
     probs [T, N]: router softmax; top_ids [T, k]: chosen experts. f_i is the fraction of routed
     (token, slot) assignments that went to expert i (not differentiable), P_i the mean router probability.
     Scaled by N so that uniform routing gives its minimum, 1.0; collapsed routing on one expert gives N.
+
+    Data parallel (``processes`` W > 1): ``global_totals`` [N + 1] is :func:`balance_counts` summed over the
+    processes (expert counts, then tokens T). f_i is then the global batch's fraction (all-reduced), and P_i
+    this process's tokens' share of the global mean, P_i = (W / T) * sum_{local t} p_ti, so that the mean
+    over processes, which DDP's gradient average differentiates, is exactly the loss of the global batch.
     """
-    if probs.shape[0] == 0:
+    if global_totals is None:
+        if probs.shape[0] == 0:
+            return probs.sum() * 0.0
+        counts = torch.bincount(top_ids.reshape(-1), minlength=num_experts).to(probs.dtype)
+        f = counts / counts.sum()
+        p = probs.mean(0)
+        return num_experts * torch.dot(f, p)
+    counts, tokens = global_totals[:-1].to(probs.dtype), global_totals[-1]
+    if int(tokens) == 0:
         return probs.sum() * 0.0
-    counts = torch.bincount(top_ids.reshape(-1), minlength=num_experts).to(probs.dtype)
     f = counts / counts.sum()
-    p = probs.mean(0)
+    p = probs.sum(0) * (processes / tokens.to(probs.dtype))
     return num_experts * torch.dot(f, p)
+
+
+def balance_counts(top_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[N + 1] int64: this process's routed (token, slot) count per expert, then its token count: what
+    :func:`load_balancing_loss` needs summed over processes."""
+    counts = torch.bincount(top_ids.reshape(-1), minlength=num_experts)
+    return torch.cat([counts, counts.new_tensor([top_ids.shape[0]])])
 
 
 def supervised_info_nce(

@@ -1,0 +1,197 @@
+"""``qmoe bench --generate``: generation tokens/s of the base model vs the same model with each method's
+adapter, batch 1 (chat) and batch 16 (evaluation), prefill and decode timed separately.
+
+Every adapted model is a structural copy of the one loaded base sharing its frozen weights, set up the way
+``qmoe chat`` / ``qmoe eval`` run it (eval mode, the inference fast path, on CPU the dequantised copy of the
+4-bit weights when it fits), and all candidates are timed interleaved in this process, rotating the order each
+round, so ratios to the base compare like with like. Wall and CPU time (this process, all threads) are both
+kept: on a shared CPU the CPU time barely moves when other processes compete for the cores.
+
+A fresh adapter's B is zero: it generates exactly the base's tokens while paying for its routing. Extra rows:
+``lora-merged`` (the LoRA folded into dense weights, ``qmoe chat --merge``) and, where the dequantised copy is
+used, ``base-4bit`` / ``moelora-4bit-reference`` (the 4-bit weights and the training code path: what chat ran
+before the fast path and the copy existed).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+BASE = "base"
+QUESTION = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?"
+)
+
+
+def _decode_loop(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, device: str) -> tuple[float, ...]:
+    """(prefill wall, prefill cpu, decode wall, decode cpu) seconds of one greedy generation with a KV cache."""
+    from .timing import synchronize
+
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        synchronize(device)
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        synchronize(device)
+        w1, c1 = time.perf_counter(), time.process_time()
+        cache = out.cache  # (transformers 5.x: `cache`, formerly past_key_values)
+        for _ in range(new_tokens):
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            out = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
+            cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+        synchronize(device)
+        w2, c2 = time.perf_counter(), time.process_time()
+    return w1 - w0, c1 - c0, w2 - w1, c2 - c1
+
+
+def _interleaved(candidates: dict[str, Callable[[], tuple[float, ...]]], repeats: int, warmup: int) -> dict:
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    runs: dict[str, list[tuple[float, ...]]] = {name: [] for name in names}
+    for i in range(repeats):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[name].append(candidates[name]())
+    keys = ("prefill_s", "prefill_cpu_s", "decode_s", "decode_cpu_s")
+    return {name: {k: statistics.median(r[j] for r in rs) for j, k in enumerate(keys)} for name, rs in runs.items()}
+
+
+def _with_reference_path(run: Callable[[], tuple[float, ...]]) -> Callable[[], tuple[float, ...]]:
+    from ..tuners.base import fast_inference_enabled, set_fast_inference
+
+    def wrapped():
+        before = fast_inference_enabled()
+        set_fast_inference(False)
+        try:
+            return run()
+        finally:
+            set_fast_inference(before)
+
+    return wrapped
+
+
+def _merged_lora(base: torch.nn.Module) -> torch.nn.Module:
+    """A LoRA attached to a clone of ``base`` and merged into fresh copies of the layers it adapts."""
+    from ..attach import adapter_layers, attach
+    from ..inference import merge_lora
+    from .adapters import method_config
+    from .backbones import share_frozen_clone
+
+    model = attach(share_frozen_clone(base), method_config("lora", dropout=0.0))
+    for layer in adapter_layers(model).values():
+        if isinstance(layer.base_layer, torch.nn.Linear) and type(layer.base_layer) is torch.nn.Linear:
+            layer.base_layer = copy.deepcopy(layer.base_layer)  # merging adds into it: not the shared weights
+    return merge_lora(model)
+
+
+def measure_generation(
+    source: str = "builtin:smollm2-135m-instruct",
+    device: str = "auto",
+    methods: list[str] | None = None,
+    batch_sizes: tuple[int, ...] = (1, 16),
+    new_tokens: int = 32,
+    repeats: int = 3,
+    warmup: int = 1,
+    dequantize: str = "auto",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    from .. import attach, kernels
+    from ..inference import dequantize_frozen
+    from ..models import load_base_model
+    from . import machine_info
+    from .adapters import method_config, trainable
+    from .backbones import share_frozen_clone
+
+    methods = methods or ["moelora", "loracoe", "loramoe", "lora"]
+    say = progress or (lambda _msg: None)
+    base, tokenizer, device = load_base_model(source, "nf4", "auto", device)
+    base.eval()
+    base.config.use_cache = True
+    four_bit = share_frozen_clone(base)  # before dequantising: keeps the 4-bit layers (shared)
+    dequantized = dequantize_frozen(base, dequantize, device)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+    prompt = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    models: dict[str, torch.nn.Module] = {BASE: base}
+    params = {BASE: 0}
+    for method in methods:
+        models[method] = attach(share_frozen_clone(base), method_config(method, dropout=0.0)).eval()
+        params[method] = trainable(models[method])
+    if "lora" in methods:
+        models["lora-merged"], params["lora-merged"] = _merged_lora(base).eval(), 0
+    reference = set()
+    if dequantized:
+        models["base-4bit"], params["base-4bit"] = four_bit, 0
+        if "moelora" in methods:
+            name = "moelora-4bit-reference"
+            models[name] = attach(share_frozen_clone(four_bit), method_config("moelora", dropout=0.0)).eval()
+            params[name] = params["moelora"]
+            reference.add(name)
+    rows = []
+    for batch in batch_sizes:
+        ids = prompt.expand(batch, -1).contiguous()
+        candidates = {}
+        for name, model in models.items():
+            run = lambda m=model, i=ids: _decode_loop(m, i, new_tokens, device)  # noqa: E731
+            candidates[name] = _with_reference_path(run) if name in reference else run
+        say(f"generation, batch {batch}: {len(candidates)} models x {repeats} rounds of {new_tokens} new tokens")
+        medians = _interleaved(candidates, repeats, warmup)
+        ref = medians[BASE]
+        for name, m in medians.items():
+            rows.append(
+                dict(
+                    model=name,
+                    batch=batch,
+                    trainable_params=params[name],
+                    prefill_tokens_per_s=batch * ids.shape[1] / m["prefill_s"],
+                    decode_tokens_per_s=batch * new_tokens / m["decode_s"],
+                    decode_ratio_to_base=ref["decode_s"] / m["decode_s"],
+                    decode_cpu_ratio_to_base=ref["decode_cpu_s"] / m["decode_cpu_s"],
+                    prefill_ratio_to_base=ref["prefill_s"] / m["prefill_s"],
+                    **m,
+                )
+            )
+    meta = dict(
+        machine_info(device),
+        source=source,
+        dtype=str(next(p for p in base.parameters() if p.is_floating_point()).dtype).replace("torch.", ""),
+        frozen_weights="dequantised copy of NF4" if dequantized else "NF4",
+        prompt_tokens=int(prompt.shape[1]),
+        new_tokens=new_tokens,
+        repeats=repeats,
+        warmup=warmup,
+        threads=torch.get_num_threads(),
+        kernel_backends=kernels.backends_used(),
+    )
+    return {"meta": meta, "rows": rows}
+
+
+def markdown_generation(result: dict) -> str:
+    meta = result["meta"]
+    lines = [
+        f"Generation, {meta['source']} ({meta['frozen_weights']}, {meta['dtype']} compute) on "
+        f"{meta['device_name']}, {meta['threads']} thread(s): greedy with a KV cache, {meta['prompt_tokens']}-token "
+        f"prompt, {meta['new_tokens']} new tokens, median of {meta['repeats']} interleaved rounds. Ratios: "
+        "base time / model time in the same run (1.00 = base speed; higher is faster).",
+        "",
+        "| model | batch | prefill tok/s | decode tok/s | decode × base (wall) | decode × base (CPU) "
+        "| prefill × base |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} "
+            f"| {r['decode_ratio_to_base']:.2f} | {r['decode_cpu_ratio_to_base']:.2f} "
+            f"| {r['prefill_ratio_to_base']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"

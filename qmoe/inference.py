@@ -1,0 +1,156 @@
+"""Inference-only model transformations: a dequantised copy of the frozen 4-bit weights (CPU), and merging a
+LoRA adapter into the weights it adapts (``qmoe merge``, ``qmoe chat --merge``).
+
+``dequantize_frozen(model, mode="auto", device="cpu")`` -> bool. bitsandbytes on CPU dequantises every 4-bit
+weight again for every forward (every generated token); with ``mode`` 'on' (or 'auto' on CPU when the copy fits
+in free RAM) each ``Linear4bit`` is replaced by an ``nn.Linear`` holding exactly the weights bitsandbytes would
+dequantise, in the compute dtype: the same function, once instead of per token. Works under attached adapters
+(their ``base_layer`` is swapped).
+
+``merge_lora(model)`` -> the model with every LoRA layer replaced by one dense ``nn.Linear`` of W + s·B·A (the
+frozen W dequantised when it is 4-bit) and the adapter detached; mixtures are refused (:class:`UsageError`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+log = logging.getLogger("qmoe")
+
+DEQUANTIZE_MODES = ("auto", "on", "off")
+# 'auto' keeps this much of the free RAM for everything else (KV cache, activations, other processes)
+_RAM_HEADROOM = 0.25
+
+
+def _linear4bit_class() -> type | None:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    return bnb.nn.Linear4bit
+
+
+def _four_bit_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, layer) of every bitsandbytes Linear4bit, adapters' base layers included."""
+    cls = _linear4bit_class()
+    if cls is None:
+        return []
+    found = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, cls):
+                found.append((parent, name, child))
+    return found
+
+
+def dequantized_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
+    """An ``nn.Linear`` with the weights a bitsandbytes ``Linear4bit`` computes with (its compute dtype)."""
+    import bitsandbytes.functional as bnbf
+
+    dtype = dtype or layer.compute_dtype or torch.float32
+    data, state = layer.weight.data, layer.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks 4-bit weights for its bf16 CPU kernel at the first eval forward (AVX512-BF16
+        # CPUs); dequantize_4bit reads the standard layout, so undo that first (as its own state_dict does)
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+    weight = bnbf.dequantize_4bit(data, state).to(dtype)
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    dense.weight = nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        dense.bias = nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+    return dense
+
+
+def dequantized_bytes(model: nn.Module) -> int:
+    """Bytes a dequantised copy of every 4-bit layer takes (in each layer's compute dtype)."""
+    total = 0
+    for _, _, layer in _four_bit_layers(model):
+        size = torch.empty((), dtype=layer.compute_dtype or torch.float32).element_size()
+        total += layer.in_features * layer.out_features * size
+    return total
+
+
+def free_ram_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def dequantize_frozen(model: nn.Module, mode: str = "auto", device: str = "cpu") -> bool:
+    """Replace the 4-bit layers by dequantised dense ones (see the module docstring); True when it did.
+
+    ``auto``: on CPU only (a GPU's 4-bit kernels do not dequantise per token the same way, and its memory is
+    what 4-bit saves) and only when the copy fits in free RAM with headroom. Says what it did in the log."""
+    if mode not in DEQUANTIZE_MODES:
+        raise UsageError(f"--dequantize {mode!r} is invalid: must be one of {', '.join(DEQUANTIZE_MODES)}")
+    layers = _four_bit_layers(model)
+    if mode == "off" or not layers:
+        return False
+    need = dequantized_bytes(model)
+    if mode == "auto":
+        if device != "cpu":
+            return False
+        free = free_ram_bytes()
+        if need > free * (1 - _RAM_HEADROOM):
+            log.info(
+                "keeping the 4-bit weights (a dequantised copy needs %.1f GB, %.1f GB of RAM is free); "
+                "--dequantize on forces it",
+                need / 1e9,
+                free / 1e9,
+            )
+            return False
+    for parent, name, layer in layers:
+        setattr(parent, name, dequantized_linear(layer))
+    log.info(
+        "dequantised the frozen 4-bit weights once (%d layers, %.2f GB) instead of on every generated token; "
+        "--dequantize off keeps them 4-bit",
+        len(layers),
+        need / 1e9,
+    )
+    return True
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA layer into its base weight (dequantised first when 4-bit) and detach the adapter.
+
+    The result is a model without qmoe layers whose forward equals the adapted model's up to float rounding."""
+    from .attach import adapter_config, adapter_layers, detach
+
+    config = adapter_config(model)
+    if config is None:
+        raise UsageError("no adapter to merge: the model has none attached")
+    if config.method != "lora":
+        raise UsageError(
+            f"a {config.method} adapter cannot be merged: its experts are mixed by input-dependent routing, so its "
+            "update is not one fixed weight matrix; chat with it unmerged (only lora adapters merge)"
+        )
+    four_bit = _linear4bit_class()
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            base = layer.base_layer
+            dense = dequantized_linear(base) if four_bit is not None and isinstance(base, four_bit) else base
+            delta = (layer.lora_B.float() @ layer.lora_A.float()) * layer.scale
+            dense.weight.add_(delta.to(dense.weight.dtype))
+            layer.base_layer = dense
+    return detach(model)
+
+
+def drop_quantization_config(model: nn.Module) -> None:
+    """Mark a model whose 4-bit layers were all dequantised as a plain one (so save_pretrained writes a
+    folder AutoModelForCausalLM loads without bitsandbytes)."""
+    model.hf_quantizer = None
+    for attr in ("is_loaded_in_4bit", "is_quantized"):
+        if getattr(model, attr, False):
+            try:
+                setattr(model, attr, False)
+            except AttributeError:  # a read-only property in some transformers versions
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

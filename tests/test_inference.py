@@ -1,0 +1,328 @@
+"""Inference speed-ups (issue 18): the eval/no-grad fast path of every adapter layer, the dequantised CPU copy
+of the frozen 4-bit weights and LoRA merging, each checked against the plain path on real NF4 layers."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+import qmoe
+from qmoe.tuners.base import set_fast_inference
+
+METHODS = ["lora", "loramoe", "moelora", "loracoe"]
+
+
+def config(method, **kw):
+    kw.setdefault("dropout", 0.0)
+    return qmoe.AdapterConfig(method=method, **kw)
+
+
+def randomize(model, seed=1):
+    """B starts at zero and LoRACoE's router too; give every adapter tensor values so the paths differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in qmoe.adapter_layers(model).values():
+            for name in layer.adapter_param_names:
+                p = getattr(layer, name)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    return ids, mask
+
+
+@pytest.fixture
+def reference_path():
+    """Run the block with the fast path off (the training code path in eval mode), then restore it."""
+
+    class Switch:
+        def __enter__(self):
+            set_fast_inference(False)
+
+        def __exit__(self, *exc):
+            set_fast_inference(True)
+
+    yield Switch()
+    set_fast_inference(True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fast_path_equals_reference_logits_telemetry_and_traces(tiny_4bit, reference_path, method):
+    model = qmoe.attach(tiny_4bit(), config(method))
+    randomize(model)
+    model.eval()
+    ids, mask = batch()
+    runs = {}
+    for name in ("reference", "fast"):
+        with torch.no_grad(), qmoe.trace_routing(model):
+            if name == "reference":
+                with reference_path:
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+            else:
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            runs[name] = (logits, qmoe.routing(model))
+    (ref_logits, ref_routing), (fast_logits, fast_routing) = runs["reference"], runs["fast"]
+    assert not torch.equal(ref_logits, qmoe.attach(tiny_4bit(), config(method)).eval()(input_ids=ids).logits)
+    # (per layer the two agree to float rounding; 14 layers of large random adapters amplify it a little)
+    torch.testing.assert_close(fast_logits, ref_logits, atol=1e-3, rtol=1e-3)
+    assert set(fast_routing) == set(ref_routing)
+    for layer, info in ref_routing.items():
+        fast = fast_routing[layer]
+        assert fast["counts"] == info["counts"] and fast["tokens"] == info["tokens"] == int(mask.sum())
+        torch.testing.assert_close(torch.tensor(fast["load"]), torch.tensor(info["load"]), atol=1e-3, rtol=1e-3)
+        assert len(fast["trace"]) == len(info["trace"]) == 1
+        torch.testing.assert_close(fast["trace"][0], info["trace"][0], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fast_path_layer_output_equals_reference(tiny_4bit, reference_path, method):
+    model = qmoe.attach(tiny_4bit(), config(method))
+    randomize(model)
+    model.eval()
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(2))
+    for layer in qmoe.adapter_layers(model).values():
+        if layer.in_features != x.shape[-1]:
+            continue
+        with torch.no_grad():
+            with reference_path:
+                expected = layer(x)
+            torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fast_path_greedy_generation_equals_reference(tiny_4bit, reference_path, method):
+    model = qmoe.attach(tiny_4bit(), config(method))
+    randomize(model)
+    model.eval()
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with reference_path:
+            ref = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        fast = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(fast, ref)
+
+
+def test_fused_weights_follow_parameter_changes_and_train_mode(tiny_4bit):
+    model = qmoe.attach(tiny_4bit(), config("moelora"))
+    randomize(model)
+    model.eval()
+    ids, _ = batch()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        layer = next(iter(qmoe.adapter_layers(model).values()))
+        assert layer._inference_cache is not None
+        for other in qmoe.adapter_layers(model).values():
+            other.lora_B.mul_(2.0)  # an in-place change (as an optimizer step): the cached fusion must notice
+        after = model(input_ids=ids).logits
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr("qmoe.tuners.base._fast_inference", False)
+        expected = model(input_ids=ids).logits
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, atol=1e-3, rtol=1e-3)
+    model.train()
+    assert layer._inference_cache is None
+
+
+def test_loracoe_stage_switch_rebuilds_the_fusion(tiny_4bit, reference_path):
+    model = qmoe.attach(tiny_4bit(), config("loracoe", stage="warmup"))
+    randomize(model)
+    model.eval()
+    ids, _ = batch()
+    with torch.no_grad():
+        warm = model(input_ids=ids).logits
+        qmoe.set_stage(model, "joint")
+        joint = model(input_ids=ids).logits
+        with reference_path:
+            expected = model(input_ids=ids).logits
+    assert not torch.allclose(warm, joint)
+    torch.testing.assert_close(joint, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_training_forward_never_takes_the_fast_path(tiny_4bit):
+    model = qmoe.attach(tiny_4bit(), config("moelora"))
+    model.train()
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert qmoe.aux_loss(model).requires_grad and out.loss.requires_grad
+    assert all(layer._inference_cache is None for layer in qmoe.adapter_layers(model).values())
+    assert isinstance(next(iter(qmoe.adapter_layers(model).values())).base_layer, bnb.nn.Linear4bit)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dequantised CPU copy of the frozen 4-bit weights
+
+
+def four_bit_layers(model):
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+@pytest.mark.parametrize("method", [None, "moelora", "lora"])
+def test_dequantized_copy_computes_what_the_4bit_layers_compute(tiny_4bit, method):
+    from qmoe.inference import dequantize_frozen
+
+    model = tiny_4bit()
+    if method is not None:
+        qmoe.attach(model, config(method))
+        randomize(model)
+    ids, mask = batch()
+    # bitsandbytes' 4-bit path in fp32: dequantise, then F.linear. (In eval mode on AVX512-BF16 CPUs it
+    # repacks the weights for a bf16 kernel instead: bf16 activations and scales, a coarser rounding of the
+    # same function; train mode with dropout 0 and no autograd keeps the fp32 path to compare against.)
+    model.train()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    assert four_bit_layers(model)
+    assert dequantize_frozen(model, "on", "cpu")
+    assert not four_bit_layers(model)
+    if method is not None:  # the adapters stay, now around dense layers
+        assert all(isinstance(layer.base_layer, torch.nn.Linear) for layer in qmoe.adapter_layers(model).values())
+    model.eval()
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dequantizing_after_the_cpu_repacking_recovers_the_weights(tiny_4bit):
+    """A 4-bit layer that already ran in eval mode (repacked for bitsandbytes' bf16 CPU kernel, where the CPU
+    has one) still dequantises to its weights."""
+    from qmoe.inference import dequantized_linear
+
+    model = tiny_4bit()
+    layer = four_bit_layers(model)[0]
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        exact = dequantized_linear(layer)(x)
+        model.eval()
+        layer(x)  # may repack
+        torch.testing.assert_close(dequantized_linear(layer)(x), exact, atol=2e-2, rtol=2e-2)  # (bf16 scales)
+
+
+def test_dequantize_switch(tiny_4bit, monkeypatch):
+    from qmoe.errors import UsageError
+    from qmoe.inference import dequantize_frozen
+
+    model = tiny_4bit()
+    assert not dequantize_frozen(model, "off", "cpu")
+    assert not dequantize_frozen(model, "auto", "cuda")  # GPUs keep 4-bit: the memory is what it saves
+    monkeypatch.setattr("qmoe.inference.free_ram_bytes", lambda: 1024)
+    assert not dequantize_frozen(model, "auto", "cpu")  # does not fit in free RAM
+    assert four_bit_layers(model)
+    with pytest.raises(UsageError, match="--dequantize 'sometimes' is invalid: must be one of auto, on, off"):
+        dequantize_frozen(model, "sometimes", "cpu")
+    monkeypatch.undo()
+    assert dequantize_frozen(model, "auto", "cpu") and not four_bit_layers(model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# merging LoRA
+
+
+def test_merged_lora_equals_base_plus_adapter(tiny_4bit):
+    from qmoe.inference import merge_lora
+
+    model = qmoe.attach(tiny_4bit(), config("lora"))
+    randomize(model)
+    model.train()  # the fp32 4-bit path (see test_dequantized_copy_computes_what_the_4bit_layers_compute)
+    ids, mask = batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        merged = merge_lora(model).eval()
+        got = merged(input_ids=ids, attention_mask=mask).logits
+    assert not qmoe.adapter_layers(merged) and qmoe.adapter_config(merged) is None
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["moelora", "loracoe", "loramoe"])
+def test_merging_a_mixture_is_refused_saying_why(tiny_4bit, method):
+    from qmoe.errors import UsageError
+    from qmoe.inference import merge_lora
+
+    model = qmoe.attach(tiny_4bit(), config(method))
+    with pytest.raises(UsageError, match=f"a {method} adapter cannot be merged: .*input-dependent routing"):
+        merge_lora(model)
+
+
+def test_qmoe_merge_writes_a_plain_transformers_folder(chat_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qmoe.chat import load_chat_model
+    from qmoe.cli import main
+
+    base = qmoe.attach(load_model_nf4(chat_model_dir), config("lora"))
+    randomize(base)
+    adapter = qmoe.save_adapter(base, tmp_path / "adapter")
+    # (dequantised: the 4-bit path in fp32, as test_dequantized_copy_computes_what_the_4bit_layers_compute shows)
+    chat = load_chat_model(adapter, base_source=str(chat_model_dir), device="cpu", dequantize="on")
+    assert chat.dequantized and not chat.merged
+    ids = torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = chat.model(input_ids=ids).logits
+    out = tmp_path / "merged"
+    assert main(["merge", str(adapter), str(out), "--base", str(chat_model_dir), "--device", "cpu"]) == 0
+    assert main(["merge", str(adapter), str(out), "--base", str(chat_model_dir)]) == 2  # exists: no overwrite
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert getattr(plain.config, "quantization_config", None) is None
+    assert not four_bit_layers(plain) and not qmoe.adapter_layers(plain)
+    with torch.no_grad():
+        got = plain(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    merged_chat = load_chat_model(adapter, base_source=str(chat_model_dir), device="cpu", merge=True)
+    assert merged_chat.merged and merged_chat.routed_layers == []
+    with torch.no_grad():
+        torch.testing.assert_close(merged_chat.model(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def load_model_nf4(folder):
+    from qmoe.models import load_base_model
+
+    return load_base_model(str(folder), "nf4", "auto", "cpu")[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bitsandbytes' CPU kernel notice
+
+
+def test_importing_qmoe_silences_the_bnb_cpu_kernel_notice_and_doctor_reports_the_kernel():
+    import subprocess
+    import sys
+
+    from qmoe.doctor import check_cpu_4bit_kernel
+
+    code = "import qmoe, bitsandbytes, logging; logging.getLogger('bitsandbytes').warning('still heard')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "gemm_4bit_forward" not in done.stderr and "still heard" in done.stderr  # only that one line goes
+    check = check_cpu_4bit_kernel()
+    assert check.ok and not check.required and "4-bit" in check.detail
+
+
+# ---------------------------------------------------------------------------------------------------------
+# qmoe bench --generate
+
+
+def test_generation_bench_rows_for_every_model_and_batch(chat_model_dir):
+    from qmoe.bench.generate import markdown_generation, measure_generation
+
+    result = measure_generation(
+        str(chat_model_dir), "cpu", ["moelora", "lora"], (1, 3), new_tokens=2, repeats=1, warmup=0, dequantize="on"
+    )
+    names = ["base", "moelora", "lora", "lora-merged", "base-4bit", "moelora-4bit-reference"]
+    assert [(r["model"], r["batch"]) for r in result["rows"]] == [(n, b) for b in (1, 3) for n in names]
+    for row in result["rows"]:
+        assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["decode_cpu_s"] >= 0
+        if row["model"] == "base":
+            assert row["decode_ratio_to_base"] == 1.0
+    assert result["meta"]["frozen_weights"] == "dequantised copy of NF4"
+    table = markdown_generation(result)
+    assert "| moelora-4bit-reference | 3 |" in table and "decode × base (CPU)" in table
+
+
+def test_generation_bench_command_checks_its_options(capsys):
+    from qmoe.cli import main
+
+    assert main(["bench", "--generate", "--device", "cpu", "--new-tokens", "0"]) == 2
+    assert "--new-tokens must be >= 1 (got 0)" in capsys.readouterr().err
+    assert main(["bench", "--generate", "--device", "cpu", "--methods", "moe"]) == 2
+    assert "unknown method" in capsys.readouterr().err
