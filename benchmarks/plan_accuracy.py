@@ -161,12 +161,28 @@ def planned(folder: Path, method: str, checkpointing: bool, batch: int, length: 
     return peak, time.perf_counter() - start
 
 
+def print_row(row: dict) -> None:
+    layers = f" ({row['layers']} layers)" if row["layers"] else ""
+    print(
+        f"| {row['model']}{layers} | {row['method']} | {'on' if row['checkpointing'] else 'off'} | "
+        f"{row['batch']}x{row['length']} | {row['planned'] / 2**20:.1f} MiB | {row['measured'] / 2**20:.1f} MiB | "
+        f"{row['planned'] / row['measured']:.3f} |",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS, reverse=True))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--scratch", default=os.path.join(tempfile.gettempdir(), "qmoe-plan-accuracy"))
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument(
+        "--replan",
+        metavar="ROWS.json",
+        nargs="+",
+        help="re-plan rows measured before (files written by --json) with this checkout's planner; measures nothing",
+    )
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -175,6 +191,16 @@ def main() -> None:
     rows = []
     print("| model | method | checkpointing | batch x length | planned | measured | planned / measured |")
     print("|---|---|---|---|---:|---:|---:|")
+    if args.replan:
+        for file in args.replan:
+            for row in json.loads(Path(file).read_text()):
+                folder = model_folder(row["model"], row["layers"], scratch)
+                row["planned"], row["plan_s"] = planned(
+                    folder, row["method"], row["checkpointing"], row["batch"], row["length"]
+                )
+                rows.append(row)
+                print_row(row)
+        args.models = []
     for name in args.models:
         settings, layers = MODELS[name]
         folder = model_folder(name, layers, scratch)
@@ -196,12 +222,7 @@ def main() -> None:
                         **real,
                     }
                     rows.append(row)
-                    print(
-                        f"| {name}{f' ({layers} layers)' if layers else ''} | {method} | "
-                        f"{'on' if checkpointing else 'off'} | {batch}x{length} | {plan / 2**20:.1f} MiB | "
-                        f"{real['measured'] / 2**20:.1f} MiB | {plan / real['measured']:.3f} |",
-                        flush=True,
-                    )
+                    print_row(row)
     worst = max(rows, key=lambda r: abs(r["planned"] / r["measured"] - 1))
     print(f"\nworst row: {worst['planned'] / worst['measured'] - 1:+.1%} ({worst['model']}, {worst['method']})")
     if args.json:

@@ -105,7 +105,7 @@ def load_chat_model(
     merge: bool = False,
 ) -> ChatModel:
     """(see the module docstring) ``dequantize`` auto | on | off: keep a dequantised copy of the frozen 4-bit
-    weights (auto: on CPU when it fits in free RAM; qmoe.inference); ``merge``: fold a LoRA adapter into the
+    weights (auto: on CPU when it fits and pays, see qmoe.inference); ``merge``: fold a LoRA adapter into the
     weights (a mixture raises UsageError)."""
     from .attach import adapter_layers
     from .inference import dequantize_frozen, merge_lora

@@ -60,7 +60,9 @@ def shutdown() -> None:
 
 def _device() -> torch.device:
     # NCCL reduces CUDA tensors only; gloo reduces CPU tensors
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else torch.device("cpu")
+    )
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -320,7 +320,7 @@ def check_cpu_4bit_kernel() -> Check:
     except ImportError as exc:
         return Check(name, False, f"bitsandbytes' CPU backend does not import: {exc}", required=False)
 
-    dequantized = "qmoe chat/eval on CPU hold a dequantised copy instead when it fits in RAM (--dequantize)"
+    dequantized = "qmoe chat/eval --dequantize on|auto hold a dequantised copy instead (auto: without this kernel)"
     if not hasattr(ops, "gemm_4bit_forward_kernel"):
         detail = f"no AVX512-BF16: bitsandbytes dequantises each 4-bit weight per forward; {dequantized}"
     elif ops.gemm_4bit_forward_kernel is not None:

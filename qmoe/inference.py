@@ -83,11 +83,23 @@ def free_ram_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def bnb_has_bf16_cpu_kernel() -> bool:
+    """True where bitsandbytes multiplies 4-bit weights on CPU with its fused bf16 kernel (AVX512-BF16 CPUs)
+    instead of dequantising each weight per forward."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
 def dequantize_frozen(model: nn.Module, mode: str = "auto", device: str = "cpu") -> bool:
     """Replace the 4-bit layers by dequantised dense ones (see the module docstring); True when it did.
 
-    ``auto``: on CPU only (a GPU's 4-bit kernels do not dequantise per token the same way, and its memory is
-    what 4-bit saves) and only when the copy fits in free RAM with headroom. Says what it did in the log."""
+    ``auto``: on CPU only (a GPU's memory is what 4-bit saves), only when the copy fits in free RAM with
+    headroom, and only where bitsandbytes has no fused bf16 4-bit CPU kernel: where it has one (AVX512-BF16),
+    decoding measured faster on the 4-bit weights than on an fp32 copy (BENCHMARKS.md; prefill is the other
+    way round, ``on`` forces the copy). Says what it did in the log."""
     if mode not in DEQUANTIZE_MODES:
         raise UsageError(f"--dequantize {mode!r} is invalid: must be one of {', '.join(DEQUANTIZE_MODES)}")
     layers = _four_bit_layers(model)
@@ -96,6 +108,9 @@ def dequantize_frozen(model: nn.Module, mode: str = "auto", device: str = "cpu")
     need = dequantized_bytes(model)
     if mode == "auto":
         if device != "cpu":
+            return False
+        if bnb_has_bf16_cpu_kernel():
+            log.info("keeping the 4-bit weights: bitsandbytes' bf16 CPU kernel decodes faster than a dequantised copy")
             return False
         free = free_ram_bytes()
         if need > free * (1 - _RAM_HEADROOM):

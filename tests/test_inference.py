@@ -207,12 +207,17 @@ def test_dequantize_switch(tiny_4bit, monkeypatch):
     model = tiny_4bit()
     assert not dequantize_frozen(model, "off", "cpu")
     assert not dequantize_frozen(model, "auto", "cuda")  # GPUs keep 4-bit: the memory is what it saves
+    # auto on CPU: only where bitsandbytes has no fused bf16 4-bit kernel (it decodes faster than the copy)
+    monkeypatch.setattr("qmoe.inference.bnb_has_bf16_cpu_kernel", lambda: True)
+    assert not dequantize_frozen(model, "auto", "cpu")
+    monkeypatch.setattr("qmoe.inference.bnb_has_bf16_cpu_kernel", lambda: False)
     monkeypatch.setattr("qmoe.inference.free_ram_bytes", lambda: 1024)
     assert not dequantize_frozen(model, "auto", "cpu")  # does not fit in free RAM
     assert four_bit_layers(model)
     with pytest.raises(UsageError, match="--dequantize 'sometimes' is invalid: must be one of auto, on, off"):
         dequantize_frozen(model, "sometimes", "cpu")
     monkeypatch.undo()
+    monkeypatch.setattr("qmoe.inference.bnb_has_bf16_cpu_kernel", lambda: False)
     assert dequantize_frozen(model, "auto", "cpu") and not four_bit_layers(model)
 
 
@@ -302,19 +307,21 @@ def test_importing_qmoe_silences_the_bnb_cpu_kernel_notice_and_doctor_reports_th
 # qmoe bench --generate
 
 
-def test_generation_bench_rows_for_every_model_and_batch(chat_model_dir):
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_generation_bench_rows_for_every_model_and_batch(chat_model_dir, mode):
     from qmoe.bench.generate import markdown_generation, measure_generation
 
     result = measure_generation(
-        str(chat_model_dir), "cpu", ["moelora", "lora"], (1, 3), new_tokens=2, repeats=1, warmup=0, dequantize="on"
+        str(chat_model_dir), "cpu", ["moelora", "lora"], (1, 3), new_tokens=2, repeats=1, warmup=0, dequantize=mode
     )
-    names = ["base", "moelora", "lora", "lora-merged", "base-4bit", "moelora-4bit-reference"]
+    other = "base-4bit" if mode == "on" else "base-dequantised"
+    names = ["base", "moelora", "lora", "lora-merged", other, "moelora-4bit-reference"]
     assert [(r["model"], r["batch"]) for r in result["rows"]] == [(n, b) for b in (1, 3) for n in names]
     for row in result["rows"]:
         assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["decode_cpu_s"] >= 0
         if row["model"] == "base":
             assert row["decode_ratio_to_base"] == 1.0
-    assert result["meta"]["frozen_weights"] == "dequantised copy of NF4"
+    assert result["meta"]["frozen_weights"] == ("dequantised copy of NF4" if mode == "on" else "NF4")
     table = markdown_generation(result)
     assert "| moelora-4bit-reference | 3 |" in table and "decode × base (CPU)" in table
 
@@ -326,3 +333,30 @@ def test_generation_bench_command_checks_its_options(capsys):
     assert "--new-tokens must be >= 1 (got 0)" in capsys.readouterr().err
     assert main(["bench", "--generate", "--device", "cpu", "--methods", "moe"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["moelora", "loracoe"])
+def test_fast_path_through_the_triton_kernels_equals_reference(tiny_4bit, reference_path, method):
+    """The fast path calls the fused Triton forward directly where that backend is picked (CUDA decode); here
+    under the Triton interpreter on CPU."""
+    from qmoe import kernels
+
+    if not (kernels.triton_available() and kernels.triton_interpreting()):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (set before triton is imported)")
+    model = qmoe.attach(tiny_4bit(), config(method))
+    randomize(model)
+    model.eval()
+    ids, mask = batch()
+    try:
+        kernels.set_backend("triton")
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=mask).logits
+            counts = {n: layer.last_counts for n, layer in qmoe.adapter_layers(model).items()}
+        assert {layer._inference_backend for layer in qmoe.adapter_layers(model).values()} == {"triton"}
+    finally:
+        kernels.set_backend(None)
+    with torch.no_grad(), reference_path:
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        for name, layer in qmoe.adapter_layers(model).items():
+            assert torch.equal(layer.last_counts, counts[name])
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)

@@ -8,9 +8,9 @@ round, so ratios to the base compare like with like. Wall and CPU time (this pro
 kept: on a shared CPU the CPU time barely moves when other processes compete for the cores.
 
 A fresh adapter's B is zero: it generates exactly the base's tokens while paying for its routing. Extra rows:
-``lora-merged`` (the LoRA folded into dense weights, ``qmoe chat --merge``) and, where the dequantised copy is
-used, ``base-4bit`` / ``moelora-4bit-reference`` (the 4-bit weights and the training code path: what chat ran
-before the fast path and the copy existed).
+``lora-merged`` (the LoRA folded into dense weights, ``qmoe chat --merge``), the base on the other choice of
+frozen weights (``base-4bit`` or ``base-dequantised``, see ``--dequantize``), and ``moelora-4bit-reference``
+(4-bit weights and the training code path: what chat ran before the inference fast path existed).
 """
 
 from __future__ import annotations
@@ -129,14 +129,17 @@ def measure_generation(
         params[method] = trainable(models[method])
     if "lora" in methods:
         models["lora-merged"], params["lora-merged"] = _merged_lora(base).eval(), 0
-    reference = set()
+    # the other choice of frozen weights, and what chat ran before this fast path (4-bit, training code path)
     if dequantized:
         models["base-4bit"], params["base-4bit"] = four_bit, 0
-        if "moelora" in methods:
-            name = "moelora-4bit-reference"
-            models[name] = attach(share_frozen_clone(four_bit), method_config("moelora", dropout=0.0)).eval()
-            params[name] = params["moelora"]
-            reference.add(name)
+    elif dequantize_frozen(other := share_frozen_clone(four_bit), "on", device):
+        models["base-dequantised"], params["base-dequantised"] = other, 0
+    reference = set()
+    if "moelora" in methods:
+        name = "moelora-4bit-reference"
+        models[name] = attach(share_frozen_clone(four_bit), method_config("moelora", dropout=0.0)).eval()
+        params[name] = params["moelora"]
+        reference.add(name)
     rows = []
     for batch in batch_sizes:
         ids = prompt.expand(batch, -1).contiguous()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import attach, aux_loss, clear_aux
+from ..attach import cast_adapter
 from .adapters import PEFT, adapted_width, attach_peft, matching_rank, method_config, trainable
 from .backbones import load_backbone, share_frozen_clone
 from .timing import interleaved_medians, peak_memory, reset_peak_memory
@@ -36,7 +37,8 @@ def build(backbone: nn.Module, spec: dict) -> tuple[nn.Module, bool]:
     enable_checkpointing(backbone)
     if spec["method"] == PEFT:
         return attach_peft(backbone, spec["rank"], spec["dropout"]), False
-    return attach(backbone, method_config(spec["method"])), True
+    # fp32 adapter weights, as PEFT keeps its LoRA (and as qmoe trains by default): like with like on bf16 GPUs
+    return cast_adapter(attach(backbone, method_config(spec["method"])), torch.float32), True
 
 
 def make_step(model: nn.Module, is_qmoe: bool, batch: dict) -> Callable[[], None]:

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "on", "off"],
         default="auto",
         help="keep a dequantised copy of the frozen 4-bit weights instead of dequantising them for every token "
-        "(same numerics, faster on CPU); auto (default): on CPU when the copy fits in free RAM",
+        "(same numerics); auto (default): on CPU when it fits in free RAM and bitsandbytes lacks its bf16 CPU kernel",
     )
     parser.add_argument(
         "--merge",

@@ -17,6 +17,7 @@ layer stands for each further one (what it adds is what every further layer adds
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -109,9 +110,17 @@ class SavedTensors:
 
 
 def record_saved(model: nn.Module, inputs: dict[str, torch.Tensor]) -> SavedTensors:
-    """One training forward and loss of ``model`` (:func:`training_forward`), recording what autograd saves,
-    excluding the model's parameters and buffers (counted as weights)."""
+    """One training forward and loss of ``model`` (:func:`training_forward`), recording what autograd saves
+    and still holds once the loss is computed, excluding the model's parameters and buffers (counted as
+    weights).
+
+    A tensor saved by a branch of the graph that is then discarded (telemetry, say) is freed before backward:
+    it is dropped when the object autograd holds dies (the packed tensor itself: pack returns it). Layer
+    inputs are held until the end, so no storage address is reused while recording."""
     layers = decoder_layers(model)
+    held: list[torch.Tensor] = []
+    alive: dict[int, int] = {}  # storage -> packed tensors of it still held by autograd
+    recording = [True]
     excluded = {_key(t) for t in [*model.parameters(), *model.buffers()]}
     saved = SavedTensors(
         by_layer=[set() for _ in layers], inputs=[{} for _ in layers], deferred=[set() for _ in layers]
@@ -126,6 +135,7 @@ def record_saved(model: nn.Module, inputs: dict[str, torch.Tensor]) -> SavedTens
             for value in [*args, *kwargs.values()]:
                 if isinstance(value, torch.Tensor):
                     saved.inputs[index][_key(value)] = _size(value)
+                    held.append(value)
 
         return hook
 
@@ -136,9 +146,21 @@ def record_saved(model: nn.Module, inputs: dict[str, torch.Tensor]) -> SavedTens
         handles.append(layer.register_forward_pre_hook(enter(index), with_kwargs=True))
         handles.append(layer.register_forward_hook(leave))
 
+    def release(key: int) -> None:
+        if not recording[0]:
+            return
+        alive[key] -= 1
+        if alive[key] == 0:  # the graph that saved it is gone: not kept for backward
+            del alive[key]
+            saved.saved.pop(key, None)
+            for group in (*saved.by_layer, *saved.deferred):
+                group.discard(key)
+
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _key(t)
         if key not in excluded:
+            alive[key] = alive.get(key, 0) + 1
+            weakref.finalize(t, release, key)
             saved.saved[key] = _size(t)
             if current[0] != _OUTSIDE:
                 saved.by_layer[current[0]].add(key)
@@ -158,8 +180,11 @@ def record_saved(model: nn.Module, inputs: dict[str, torch.Tensor]) -> SavedTens
 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            training_forward(model, inputs, before_aux=deferred_losses)
+            loss = training_forward(model, inputs, before_aux=deferred_losses)
+        recording[0] = False  # what is saved now is what backward needs; then the graph may go
+        del loss
     finally:
+        recording[0] = False
         for handle in handles:
             handle.remove()
     return saved

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import UsageError
 from .activations import ActivationMeter
 from .shapes import (
     adapter_bytes,
@@ -154,10 +153,12 @@ class Planner:
         name = max(candidates, key=candidates.get)
         return candidates[name], name
 
-    def plan(self, batch: int | None = None, length: int | None = None) -> Plan:
+    def plan(self, batch: int | None = None, length: int | None = None, accumulation: int | None = None) -> Plan:
+        """The plan at the recipe's batch, length and gradient accumulation, or at the ones given."""
         r = self.recipe
         batch = batch or r.train.batch_size
         length = length or r.data.max_length
+        accumulation = accumulation or r.train.gradient_accumulation
         ckpt = r.model.gradient_checkpointing
         acts = self.meter.measure(batch, length, ckpt)
         trainable = self.adapters.trainable
@@ -171,8 +172,8 @@ class Planner:
             # are allocated in backward as the activations they come from are freed
             Part(
                 "adapter gradients",
-                trainable if r.train.gradient_accumulation > 1 else 0,
-                "kept across micro-batches" if r.train.gradient_accumulation > 1 else "made as activations free",
+                trainable if accumulation > 1 else 0,
+                "kept across micro-batches" if accumulation > 1 else "made as activations free",
             ),
             Part("optimizer state", self.adapters.optimizer, f"{r.train.optim}: exp_avg, exp_avg_sq"),
             Part("contrastive queues", acts.contrastive_state, "MoELoRA, both copies"),
@@ -196,14 +197,14 @@ class Planner:
             gradient_checkpointing=ckpt,
             batch_size=batch,
             max_length=length,
-            gradient_accumulation=r.train.gradient_accumulation,
+            gradient_accumulation=accumulation,
             parts=parts,
             peak_bytes=sum(p.bytes for p in parts),
             transient=transient_name,
         )
 
-    def peak(self, batch: int, length: int) -> int:
-        return self.plan(batch, length).peak_bytes
+    def peak(self, batch: int, length: int, accumulation: int) -> int:
+        return self.plan(batch, length, accumulation).peak_bytes
 
     def verdict(self, plan: Plan, vram_gib: float) -> Verdict:
         limit = vram_gib * GIB
@@ -211,9 +212,9 @@ class Planner:
         effective = r.train.batch_size * r.train.gradient_accumulation
         # batch sizes that keep the effective batch exactly (batch x accumulation = effective)
         divisors = [b for b in range(1, effective + 1) if effective % b == 0]
-        best_batch = _largest(lambda b: self.peak(b, plan.max_length) <= limit, divisors)
+        best_batch = _largest(lambda b: self.peak(b, plan.max_length, effective // b) <= limit, divisors)
         lengths = sorted({n for n in LENGTH_LADDER if n <= self.max_positions} | {plan.max_length})
-        fitting = [n for n in _prefix(lengths, lambda n: self.peak(1, n) <= limit)]
+        fitting = _prefix(lengths, lambda n: self.peak(1, n, effective) <= limit)
         return Verdict(
             vram_gib=vram_gib,
             fits=plan.peak_bytes <= limit,
@@ -269,9 +270,6 @@ def _prefix(values: list[int], ok) -> list[int]:
 
 def plan_recipe(recipe: Recipe, vram: tuple[float, ...] | list[float] = DEFAULT_VRAM) -> Plan:
     """The recipe's memory plan with a verdict per GPU size in ``vram`` (GiB)."""
-    for size in vram:
-        if not size > 0:
-            raise UsageError(f"--vram {size:g}: a GPU memory size must be > 0 GB")
     planner = cached_planner(recipe)
     plan = planner.plan()
     plan.verdicts = [planner.verdict(plan, size) for size in vram]
