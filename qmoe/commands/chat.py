@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..errors import UsageError
+from . import add_dequantize_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,13 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--system", help="system message")
-    parser.add_argument(
-        "--dequantize",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="keep a dequantised copy of the frozen 4-bit weights instead of dequantising them for every token "
-        "(same numerics); auto (default): on CPU when it fits in free RAM and bitsandbytes lacks its bf16 CPU kernel",
-    )
+    add_dequantize_argument(parser)
     parser.add_argument(
         "--merge",
         action="store_true",

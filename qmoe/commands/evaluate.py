@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UsageError
+from . import add_dequantize_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,13 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="base model source (default: from the run's recipe or the adapter folder)")
     parser.add_argument("--batch-size", type=int, help="prompts generated together")
     parser.add_argument("--max-new-tokens", type=int, help="longest generated answer")
-    parser.add_argument(
-        "--dequantize",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="keep a dequantised copy of the frozen 4-bit weights instead of dequantising them for every token "
-        "(same numerics); auto (default): on CPU when it fits in free RAM and bitsandbytes lacks its bf16 CPU kernel",
-    )
+    add_dequantize_argument(parser)
     parser.add_argument(
         "--scorer",
         choices=["exact", "math-verify"],
