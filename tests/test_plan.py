@@ -155,6 +155,26 @@ def test_cuda_plan_from_a_cpu_machine_adds_the_allowance(tiny3):
     assert plan.parts[-1].name == "CUDA context + allocator"
 
 
+def test_concurrent_plans_of_a_shared_moelora_planner_agree(tiny3):
+    """The UI plans from several threads through one cached planner (one meta model): each thread gets its
+    own batch's plan, equal to planning alone, and no thread sees another's auxiliary losses."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qmoe.plan.report import cached_planner
+
+    def recipe(batch):
+        return validate_recipe(
+            {"model": {"source": str(tiny3)}, "adapter": {"method": "moelora"}, "train": {"batch_size": batch}}
+        )
+
+    alone = {batch: Planner(recipe(batch)).plan().peak_bytes for batch in (1, 2, 3, 4)}
+    batches = [1, 2, 3, 4] * 4
+    with ThreadPoolExecutor(8) as pool:
+        plans = list(pool.map(lambda b: cached_planner(recipe(b)).plan(), batches))
+    assert [p.batch_size for p in plans] == batches
+    assert [p.peak_bytes for p in plans] == [alone[b] for b in batches]
+
+
 @pytest.mark.slow
 def test_a_70b_config_plans_from_shapes():
     recipe = validate_recipe(

@@ -17,6 +17,7 @@ layer stands for each further one (what it adds is what every further layer adds
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -276,9 +277,16 @@ class ActivationMeter:
         self.model = attach_meta(model, adapter, adapter_dtype).train()
         self.measured = len(decoder_layers(self.model))
         self._cache: dict[tuple[int, int, bool], Activations] = {}
+        # the UI plans from several threads at once; the meta model's per-layer auxiliary-loss slots are
+        # shared state, so one measurement at a time
+        self._lock = threading.Lock()
 
     def measure(self, batch: int, length: int, checkpointing: bool) -> Activations:
         key = (batch, length, checkpointing)
+        with self._lock:
+            return self._measure_locked(key, batch, length)
+
+    def _measure_locked(self, key: tuple[int, int, bool], batch: int, length: int) -> Activations:
         if key not in self._cache:
             inputs = training_inputs(self.model.config, batch, length, self.dtype, "meta")
             with fused_attention(self.device):

@@ -8,8 +8,10 @@ them + (device=cuda) the CUDA context and allocator allowance.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -227,6 +229,7 @@ class Planner:
 
 _PLANNERS: dict[str, Planner] = {}
 _PLANNERS_KEPT = 8
+_PLANNERS_LOCK = threading.Lock()
 
 
 def cached_planner(recipe: Recipe) -> Planner:
@@ -235,12 +238,16 @@ def cached_planner(recipe: Recipe) -> Planner:
     built_from = [recipe.model.model_dump(mode="json"), recipe.adapter.to_dict()]
     built_from += [recipe.train.adapter_dtype, recipe.train.optim, [s.stage for s in recipe.train.stages or ()]]
     key = json.dumps(built_from, sort_keys=True)
-    planner = _PLANNERS.get(key)
-    if planner is None:
-        while len(_PLANNERS) >= _PLANNERS_KEPT:
-            _PLANNERS.pop(next(iter(_PLANNERS)))
-        planner = _PLANNERS[key] = Planner(recipe)
-    planner.recipe = recipe  # batch, length, accumulation and the like may differ; what was built does not
+    with _PLANNERS_LOCK:  # the UI's estimate runs in several threads
+        built = _PLANNERS.get(key)
+        if built is None:
+            while len(_PLANNERS) >= _PLANNERS_KEPT:
+                _PLANNERS.pop(next(iter(_PLANNERS)))
+            built = _PLANNERS[key] = Planner(recipe)
+    # a shallow copy per caller: batch, length, accumulation and the like may differ between callers; what
+    # was built (meta model, weight and adapter bytes, the locked activation meter) is shared
+    planner = copy.copy(built)
+    planner.recipe = recipe
     return planner
 
 
