@@ -4,6 +4,7 @@ equal bitsandbytes' own tensors; the CLI's verdict exit codes and bad input; a 7
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from qmoe.cli import main
 from qmoe.models import bnb_config
 from qmoe.plan import Planner, plan_recipe
 from qmoe.plan.activations import ActivationMeter, record_saved, training_forward
+from qmoe.plan.report import cached_planner
 from qmoe.plan.shapes import load_model_config, meta_model, weight_bytes
 from qmoe.recipe import validate_recipe
 from qmoe.testing import save_tiny_llama
@@ -158,9 +160,6 @@ def test_cuda_plan_from_a_cpu_machine_adds_the_allowance(tiny3):
 def test_concurrent_plans_of_a_shared_moelora_planner_agree(tiny3):
     """The UI plans from several threads through one cached planner (one meta model): each thread gets its
     own batch's plan, equal to planning alone, and no thread sees another's auxiliary losses."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from qmoe.plan.report import cached_planner
 
     def recipe(batch):
         return validate_recipe(

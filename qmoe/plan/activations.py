@@ -284,21 +284,18 @@ class ActivationMeter:
     def measure(self, batch: int, length: int, checkpointing: bool) -> Activations:
         key = (batch, length, checkpointing)
         with self._lock:
-            return self._measure_locked(key, batch, length)
-
-    def _measure_locked(self, key: tuple[int, int, bool], batch: int, length: int) -> Activations:
-        if key not in self._cache:
-            inputs = training_inputs(self.model.config, batch, length, self.dtype, "meta")
-            with fused_attention(self.device):
-                if self.adapter.method == "moelora":  # a first forward fills the contrastive queues (steady state)
-                    training_forward(self.model, inputs)
-                saved = record_saved(self.model, inputs)
-            state = contrastive_state(self.model)
-            per_layer = state / self.measured
-            for on in (False, True):
-                self._cache[(batch, length, on)] = Activations(
-                    combine(saved, self.layers_total, on),
-                    combine(saved, self.layers_total, False),
-                    round(per_layer * self.layers_total),
-                )
-        return self._cache[key]
+            if key not in self._cache:
+                inputs = training_inputs(self.model.config, batch, length, self.dtype, "meta")
+                with fused_attention(self.device):
+                    if self.adapter.method == "moelora":  # a first forward fills the contrastive queues (steady state)
+                        training_forward(self.model, inputs)
+                    saved = record_saved(self.model, inputs)
+                state = contrastive_state(self.model)
+                per_layer = state / self.measured
+                for on in (False, True):
+                    self._cache[(batch, length, on)] = Activations(
+                        combine(saved, self.layers_total, on),
+                        combine(saved, self.layers_total, False),
+                        round(per_layer * self.layers_total),
+                    )
+            return self._cache[key]
