@@ -333,6 +333,23 @@ def check_cpu_4bit_kernel() -> Check:
     return Check(name, True, detail, required=False)
 
 
+def check_cpu_adapter_kernels() -> Check:
+    """Whether qmoe's CPU inference kernels (qmoe/kernels/cpu_decode.cpp) build, pass their self-check and so
+    serve chat and evaluation on CPU (building them the first time takes about 30 s)."""
+    from .kernels import cpu_decode
+
+    cpu_decode.kernels()
+    status = cpu_decode.status()
+    ok = status == "in use"
+    detail = (
+        "in use: chat and evaluation on CPU run each adapter layer in one call"
+        if ok
+        else f"{status}; adapter layers run their eager PyTorch path on CPU (slower decoding, same results)"
+    )
+    fix = "" if ok else "install a C++ compiler and `pip install ninja`"
+    return Check("CPU adapter kernels", ok, detail, fix, False)
+
+
 def run_checks(runs_dir: Path, gpu_required: bool = False) -> list[Check]:
     """Every check, in the order they are shown."""
     ranges = tested_ranges()
@@ -340,6 +357,7 @@ def run_checks(runs_dir: Path, gpu_required: bool = False) -> list[Check]:
     checks += check_cuda(gpu_required)
     checks.append(check_bitsandbytes(ranges))
     checks.append(check_cpu_4bit_kernel())
+    checks.append(check_cpu_adapter_kernels())
     checks.append(check_triton(ranges))
     checks += [
         version_check(name, ranges, required=name not in NOT_REQUIRED) for name in ("transformers", "peft", "gradio")

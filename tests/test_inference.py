@@ -315,7 +315,7 @@ def test_generation_bench_rows_for_every_model_and_batch(chat_model_dir, mode):
         str(chat_model_dir), "cpu", ["moelora", "lora"], (1, 3), new_tokens=2, repeats=1, warmup=0, dequantize=mode
     )
     other = "base-4bit" if mode == "on" else "base-dequantised"
-    names = ["base", "moelora", "lora", "lora-merged", other, "moelora-4bit-reference"]
+    names = ["base", "moelora", "lora", "lora-merged", "peft-lora", other, "moelora-eager", "moelora-4bit-reference"]
     assert [(r["model"], r["batch"]) for r in result["rows"]] == [(n, b) for b in (1, 3) for n in names]
     for row in result["rows"]:
         assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["decode_cpu_s"] >= 0
@@ -324,6 +324,9 @@ def test_generation_bench_rows_for_every_model_and_batch(chat_model_dir, mode):
     assert result["meta"]["frozen_weights"] == ("dequantised copy of NF4" if mode == "on" else "NF4")
     table = markdown_generation(result)
     assert "| moelora-4bit-reference | 3 |" in table and "decode × base (CPU)" in table
+    assert "CPU kernels: in use" in table and result["meta"]["cpu_kernels"] == "in use"
+    rows = {(r["model"], r["batch"]): r for r in result["rows"]}
+    assert rows[("peft-lora", 1)]["trainable_params"] == rows[("lora", 1)]["trainable_params"]
 
 
 def test_generation_bench_command_checks_its_options(capsys):

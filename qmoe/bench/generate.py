@@ -8,8 +8,10 @@ round, so ratios to the base compare like with like. Wall and CPU time (this pro
 kept: on a shared CPU the CPU time barely moves when other processes compete for the cores.
 
 A fresh adapter's B is zero: it generates exactly the base's tokens while paying for its routing. Extra rows:
+``peft-lora`` (PEFT's LoRA at qmoe LoRA's rank on the same frozen weights, unmerged: the baseline users know),
 ``lora-merged`` (the LoRA folded into dense weights, ``qmoe chat --merge``), the base on the other choice of
-frozen weights (``base-4bit`` or ``base-dequantised``, see ``--dequantize``), and ``moelora-4bit-reference``
+frozen weights (``base-4bit`` or ``base-dequantised``, see ``--dequantize``), ``moelora-eager`` (the fast path
+with qmoe's CPU kernels off, ``QMOE_KERNELS=torch``: what the kernels save) and ``moelora-4bit-reference``
 (4-bit weights and the training code path: what chat ran before the inference fast path existed).
 """
 
@@ -79,6 +81,21 @@ def _with_reference_path(run: Callable[[], tuple[float, ...]]) -> Callable[[], t
     return wrapped
 
 
+def _with_eager_kernels(run: Callable[[], tuple[float, ...]]) -> Callable[[], tuple[float, ...]]:
+    """``run`` with the kernel backend forced to plain PyTorch (qmoe's CPU and Triton kernels off)."""
+    from .. import kernels
+
+    def wrapped():
+        before = kernels.forced_backend()
+        kernels.set_backend("torch")
+        try:
+            return run()
+        finally:
+            kernels.set_backend(before)
+
+    return wrapped
+
+
 def _merged_lora(base: torch.nn.Module) -> torch.nn.Module:
     """A LoRA attached to a clone of ``base`` and merged into fresh copies of the layers it adapts."""
     from ..attach import adapter_layers, attach
@@ -106,9 +123,10 @@ def measure_generation(
 ) -> dict:
     from .. import attach, kernels
     from ..inference import dequantize_frozen
+    from ..kernels import cpu_decode
     from ..models import load_base_model
     from . import machine_info
-    from .adapters import method_config, trainable
+    from .adapters import attach_peft, method_config, trainable
     from .backbones import share_frozen_clone
 
     methods = methods or ["moelora", "loracoe", "loramoe", "lora"]
@@ -129,13 +147,20 @@ def measure_generation(
         params[method] = trainable(models[method])
     if "lora" in methods:
         models["lora-merged"], params["lora-merged"] = _merged_lora(base).eval(), 0
+        rank = method_config("lora").r
+        models["peft-lora"] = attach_peft(share_frozen_clone(base), rank, 0.0).eval()
+        params["peft-lora"] = trainable(models["peft-lora"])
     # the other choice of frozen weights, and what chat ran before this fast path (4-bit, training code path)
     if dequantized:
         models["base-4bit"], params["base-4bit"] = four_bit, 0
     elif dequantize_frozen(other := share_frozen_clone(four_bit), "on", device):
         models["base-dequantised"], params["base-dequantised"] = other, 0
-    reference = set()
+    reference, eager = set(), set()
     if "moelora" in methods:
+        # its own adapter (its own fused-weight cache), timed with the kernel backend forced to plain PyTorch
+        models["moelora-eager"] = attach(share_frozen_clone(base), method_config("moelora", dropout=0.0)).eval()
+        params["moelora-eager"] = params["moelora"]
+        eager.add("moelora-eager")
         name = "moelora-4bit-reference"
         models[name] = attach(share_frozen_clone(four_bit), method_config("moelora", dropout=0.0)).eval()
         params[name] = params["moelora"]
@@ -146,7 +171,9 @@ def measure_generation(
         candidates = {}
         for name, model in models.items():
             run = lambda m=model, i=ids: _decode_loop(m, i, new_tokens, device)  # noqa: E731
-            candidates[name] = _with_reference_path(run) if name in reference else run
+            candidates[name] = (
+                _with_reference_path(run) if name in reference else _with_eager_kernels(run) if name in eager else run
+            )
         say(f"generation, batch {batch}: {len(candidates)} models x {repeats} rounds of {new_tokens} new tokens")
         medians = _interleaved(candidates, repeats, warmup)
         ref = medians[BASE]
@@ -175,6 +202,7 @@ def measure_generation(
         warmup=warmup,
         threads=torch.get_num_threads(),
         kernel_backends=kernels.backends_used(),
+        cpu_kernels=cpu_decode.status(),
     )
     return {"meta": meta, "rows": rows}
 
@@ -184,7 +212,8 @@ def markdown_generation(result: dict) -> str:
     lines = [
         f"Generation, {meta['source']} ({meta['frozen_weights']}, {meta['dtype']} compute) on "
         f"{meta['device_name']}, {meta['threads']} thread(s): greedy with a KV cache, {meta['prompt_tokens']}-token "
-        f"prompt, {meta['new_tokens']} new tokens, median of {meta['repeats']} interleaved rounds. Ratios: "
+        f"prompt, {meta['new_tokens']} new tokens, median of {meta['repeats']} interleaved rounds; qmoe's CPU "
+        f"kernels: {meta.get('cpu_kernels', '-')}. Ratios: "
         "base time / model time in the same run (1.00 = base speed; higher is faster).",
         "",
         "| model | batch | prefill tok/s | decode tok/s | decode × base (wall) | decode × base (CPU) "

@@ -33,6 +33,11 @@ def set_backend(name: str | None) -> None:
     _forced = name
 
 
+def forced_backend() -> str | None:
+    """What :func:`set_backend` forced (None: the env var / auto decides)."""
+    return _forced
+
+
 def requested_backend() -> str:
     name = _forced or os.environ.get("QMOE_KERNELS", "auto").strip().lower() or "auto"
     if name not in BACKENDS:
@@ -125,6 +130,7 @@ __all__ = [
     "BACKENDS",
     "backend_for",
     "backends_used",
+    "forced_backend",
     "loracoe_gate",
     "loracoe_gate_reference",
     "loracoe_routing",

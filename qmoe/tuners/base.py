@@ -7,10 +7,13 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from ..kernels import requested_backend
 
 if TYPE_CHECKING:  # (qmoe.config imports the tuners' defaults)
     from ..config import AdapterConfig
@@ -47,6 +50,16 @@ def set_fast_inference(enabled: bool) -> None:
 
 def fast_inference_enabled() -> bool:
     return _fast_inference
+
+
+def cpu_kernels_for(weights: torch.Tensor) -> ModuleType | None:
+    """qmoe's CPU inference kernels (:mod:`qmoe.kernels.cpu_decode`) for float32 CPU weights under
+    ``QMOE_KERNELS=auto``, when they could be built and passed their self-check; else None (eager)."""
+    if weights.device.type != "cpu" or weights.dtype != torch.float32 or requested_backend() != "auto":
+        return None
+    from ..kernels import cpu_decode
+
+    return cpu_decode.kernels()
 
 
 def base_dtype(base: nn.Module) -> torch.dtype:
@@ -97,6 +110,7 @@ class AdapterLayer(nn.Module):
         self.trace_records: list[dict] = []
         # inference fast path: (key, fused weights) built from the adapter parameters, rebuilt when they change
         self._inference_cache: tuple | None = None
+        self._cpu_kernels: ModuleType | None = None  # qmoe.kernels.cpu_decode where it serves these weights
         # auxiliary losses of the last training forward, by name: tensors in the graph, or zero-argument callables
         # that compute one when first asked (aux_losses), outside gradient checkpointing's recomputed region
         self.aux: dict[str, torch.Tensor | Callable[[], torch.Tensor]] = {}
@@ -130,15 +144,18 @@ class AdapterLayer(nn.Module):
         token-slots per expert. Without it (dense methods) a token counts for its most weighted expert and
         ``load`` is the mean weight. Padding (``valid`` False) is excluded; traces keep every token.
         """
+        if not torch.is_grad_enabled():  # (inference: nothing to detach; checked first, it is the hot path)
+            self._routing_pending = (weights, valid, chosen)
+            if self.context.trace:
+                # kept on the device; qmoe.routing moves traces to the CPU when read (no sync per layer and token)
+                self.trace_records.append({"weights": weights})
+            return
         # meta tensors (qmoe.plan's shape-only forward): telemetry keeps nothing for backward, and bincount has
         # no meta kernel
         if in_recomputation() or weights.device.type == "meta":
             return
         # ``valid`` may be a zero-argument callable (the fast path defers even the padding mask)
         self._routing_pending = (weights.detach(), valid, None if chosen is None else chosen.detach())
-        if self.context.trace and not torch.is_grad_enabled():
-            # kept on the device; qmoe.routing moves traces to the CPU when read (no sync per layer and token)
-            self.trace_records.append({"weights": weights.detach()})
 
     def _routing_telemetry(self) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
         """(counts, load, tokens) of the last recorded forward, computed from what record_routing kept."""
@@ -210,42 +227,65 @@ class AdapterLayer(nn.Module):
     def forward_inference(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Eval-mode no-grad forward: the same function as :meth:`forward_reference` (up to float rounding)
         with the weights fused once (:meth:`inference_weights`), no dropout, and the output matmul added
-        into the base layer's result in place."""
+        into the base layer's result in place (:meth:`inference_step`)."""
         result = self.base_layer(x, *args, **kwargs)
-        up, down_t = self.inference_weights()
-        flat = x.reshape(-1, x.shape[-1])
-        if flat.dtype != up.dtype:
-            flat = flat.to(up.dtype)
-        gated = self.inference_gated(flat, up, x)
-        if result.dtype == gated.dtype and result.is_contiguous():
-            result.view(-1, self.out_features).addmm_(gated, down_t)
+        up_t, down_t = self.inference_weights()
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != up_t.dtype:
+            flat = flat.to(up_t.dtype)
+        if result.dtype == up_t.dtype and result.is_contiguous():
+            self.inference_step(result.view(-1, self.out_features), flat, up_t, down_t, x, self._cpu_kernels)
             return result
-        return result + (gated @ down_t).reshape(*x.shape[:-1], self.out_features).to(result.dtype)
+        delta = flat.new_zeros(flat.shape[0], self.out_features)
+        self.inference_step(delta, flat, up_t, down_t, x, self._cpu_kernels)
+        return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype)
 
-    def inference_gated(self, flat: torch.Tensor, up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The rank-space activations [T, R] that ``down_t`` maps to the output (routing telemetry recorded
-        here); ``up`` is what :meth:`fused_weights` built."""
-        return flat @ up.t()
+    def inference_step(
+        self,
+        out: torch.Tensor,
+        flat: torch.Tensor,
+        up_t: torch.Tensor,
+        down_t: torch.Tensor,
+        x: torch.Tensor,
+        kernels: ModuleType | None,
+    ) -> None:
+        """``out`` [T, out] += the adapter's output for ``flat`` [T, in] (routing telemetry recorded here):
+        one call of qmoe's CPU kernel where ``kernels`` is given, else eager PyTorch (its reference). By
+        default LoRA's: out += (flat @ A^T) @ (s B)^T."""
+        if kernels is not None:
+            kernels.lora(out, flat, up_t, down_t)
+        else:
+            out.addmm_(torch.mm(flat, up_t), down_t)
 
     def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(up [R', in], down_t [R, out]) for the fast path, built from the parameters: by default LoRA's
-        A and (scale * B)^T. Routed methods stack their router onto ``up``."""
-        return self.lora_A.detach(), (self.lora_B.detach() * self.scale).t()
+        """(up [R', in], down [out, R]) for the fast path, built from the parameters: by default LoRA's A and
+        scale * B. Routed methods stack their router onto ``up``; constant factors of the routing fold into
+        ``down``."""
+        return self.lora_A.detach(), self.lora_B.detach() * self.scale
 
     def inference_key(self) -> tuple:
-        """What the fused weights depend on: each parameter's storage and in-place version (optimizer steps,
-        load_state_dict and copy_ bump it), plus what subclasses add (e.g. LoRACoE's stage)."""
-        return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self._adapter_params())
+        """What the fused weights depend on: the kernel backend, each parameter's storage and in-place version
+        (optimizer steps, load_state_dict and copy_ bump it; a move to another device is a new storage) and
+        dtype, plus what subclasses add (e.g. LoRACoE's stage)."""
+        params = self._parameters  # (not getattr: nn.Module's __getattr__ is slow on this per-token path)
+        return (
+            requested_backend(),
+            *[(params[n].data_ptr(), params[n]._version, params[n].dtype) for n in self.adapter_param_names],
+        )
 
     def _adapter_params(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self.adapter_param_names]
 
     def inference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up^T [in, R'], down^T [R, out]), both contiguous (a transposed view sends a small CPU matmul down a
+        path ~10x slower), cached until :meth:`inference_key` changes."""
         key = self.inference_key()
         cache = self._inference_cache
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                cache = self._inference_cache = (key, self.fused_weights())
+                up, down = self.fused_weights()
+                cache = self._inference_cache = (key, (up.t().contiguous(), down.t().contiguous()))
+                self._cpu_kernels = cpu_kernels_for(cache[1][0])
         return cache[1]
 
     def train(self, mode: bool = True) -> AdapterLayer:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels import backend_for, loracoe_routing, requested_backend
+from ...kernels import backend_for, loracoe_routing
 from ..base import AdapterContext, AdapterLayer
 
 if TYPE_CHECKING:  # (qmoe.config imports the tuners' defaults)
@@ -57,26 +57,31 @@ class LoraCoELayer(AdapterLayer):
 
     # -- inference fast path (AdapterLayer.forward_inference) ---------------------------------------------
     def inference_key(self) -> tuple:
-        return (*super().inference_key(), self.stage, requested_backend())
+        return (*super().inference_key(), self.stage)
 
     def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.stage == "warmup":
             return super().fused_weights()
         self._inference_backend = backend_for(self.lora_A, "loracoe", (self.config.num_experts, self.config.r))
+        # the composition factor is a constant: folded into down once instead of multiplied per token
         up = torch.cat([self.lora_A, self.router], 0).detach()
-        return up, (self.lora_B.detach() * self.scale).t()
+        return up, self.lora_B.detach() * (self.scale * self.composition_factor)
 
-    def inference_gated(self, flat: torch.Tensor, up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        z = flat @ up.t()
+    def inference_step(self, out, flat, up_t, down_t, x, kernels) -> None:
         if self.stage == "warmup":
-            return z
+            super().inference_step(out, flat, up_t, down_t, x, kernels)
+            return
         e, r = self.config.num_experts, self.config.r
-        if self._inference_backend == "triton":  # one fused kernel instead of the ops below (CUDA decode)
-            from ...kernels.triton_kernels import loracoe_forward
-
-            gated, weights = loracoe_forward(z, e, r, self.composition_factor)
+        if kernels is not None:
+            weights = kernels.loracoe(out, flat, up_t, down_t, e, r)
         else:
-            weights = torch.softmax(z[:, r:].reshape(-1, e, r).float(), dim=-1).mean(1)
-            gated = z[:, :r] * (weights * self.composition_factor).to(z.dtype)
+            z = torch.mm(flat, up_t)
+            if self._inference_backend == "triton":  # one fused kernel instead of the ops below (CUDA decode)
+                from ...kernels.triton_kernels import loracoe_forward
+
+                gated, weights = loracoe_forward(z, e, r, 1.0)
+            else:
+                weights = torch.softmax(z[:, r:].view(-1, e, r).float(), dim=-1).mean(1)
+                gated = z[:, :r] * weights.to(z.dtype)
+            out.addmm_(gated, down_t)
         self.record_routing(weights, self.deferred_valid_mask(x))
-        return gated

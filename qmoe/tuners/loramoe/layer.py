@@ -48,12 +48,14 @@ class LoraMoELayer(AdapterLayer):
 
     # -- inference fast path (AdapterLayer.forward_inference) ---------------------------------------------
     def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        up = torch.cat([self.lora_A, self.router], 0).detach()
-        return up, (self.lora_B.detach() * self.scale).t()
+        return torch.cat([self.lora_A, self.router], 0).detach(), self.lora_B.detach() * self.scale
 
-    def inference_gated(self, flat: torch.Tensor, up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def inference_step(self, out, flat, up_t, down_t, x, kernels) -> None:
         n, r = self.config.num_experts, self.config.r
-        z = flat @ up.t()
-        probs = torch.softmax(z[:, r:].float(), dim=-1).to(z.dtype)
+        if kernels is not None:
+            probs = kernels.loramoe(out, flat, up_t, down_t, n, r)
+        else:
+            z = torch.mm(flat, up_t)
+            probs = torch.softmax(z[:, r:].float(), dim=-1).to(z.dtype)
+            out.addmm_((z[:, :r].view(-1, n, r // n) * probs.unsqueeze(2)).view(-1, r), down_t)
         self.record_routing(probs, self.deferred_valid_mask(x))
-        return (z[:, :r].reshape(-1, n, r // n) * probs[:, :, None]).reshape(-1, r)
