@@ -315,7 +315,8 @@ def test_generation_bench_rows_for_every_model_and_batch(chat_model_dir, mode):
         str(chat_model_dir), "cpu", ["moelora", "lora"], (1, 3), new_tokens=2, repeats=1, warmup=0, dequantize=mode
     )
     other = "base-4bit" if mode == "on" else "base-dequantised"
-    names = ["base", "moelora", "lora", "lora-merged", "peft-lora", other, "moelora-eager", "moelora-4bit-reference"]
+    names = ["base", "wrapper-floor", "moelora", "lora", "lora-merged", "peft-lora", other, "moelora-eager"]
+    names.append("moelora-4bit-reference")
     assert [(r["model"], r["batch"]) for r in result["rows"]] == [(n, b) for b in (1, 3) for n in names]
     for row in result["rows"]:
         assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["decode_cpu_s"] >= 0

@@ -8,11 +8,13 @@ round, so ratios to the base compare like with like. Wall and CPU time (this pro
 kept: on a shared CPU the CPU time barely moves when other processes compete for the cores.
 
 A fresh adapter's B is zero: it generates exactly the base's tokens while paying for its routing. Extra rows:
-``peft-lora`` (PEFT's LoRA at qmoe LoRA's rank on the same frozen weights, unmerged: the baseline users know),
-``lora-merged`` (the LoRA folded into dense weights, ``qmoe chat --merge``), the base on the other choice of
-frozen weights (``base-4bit`` or ``base-dequantised``, see ``--dequantize``), ``moelora-eager`` (the fast path
-with qmoe's CPU kernels off, ``QMOE_KERNELS=torch``: what the kernels save) and ``moelora-4bit-reference``
-(4-bit weights and the training code path: what chat ran before the inference fast path existed).
+``wrapper-floor`` (each adapted projection wrapped in a module that only calls the frozen layer: what any
+unmerged adapter pays before doing any arithmetic, the floor of every ratio here), ``peft-lora`` (PEFT's
+LoRA at qmoe LoRA's rank on the same frozen weights, unmerged: the baseline users know), ``lora-merged``
+(the LoRA folded into dense weights, ``qmoe chat --merge``), the base on the other choice of frozen weights
+(``base-4bit`` or ``base-dequantised``, see ``--dequantize``), ``moelora-eager`` (the fast path with qmoe's
+CPU kernels off, ``QMOE_KERNELS=torch``: what the kernels save) and ``moelora-4bit-reference`` (4-bit
+weights and the training code path: what chat ran before the inference fast path existed).
 """
 
 from __future__ import annotations
@@ -96,6 +98,31 @@ def _with_eager_kernels(run: Callable[[], tuple[float, ...]]) -> Callable[[], tu
     return wrapped
 
 
+class _PassThrough(torch.nn.Module):
+    """Wraps a frozen layer and only calls it (the ``wrapper-floor`` row)."""
+
+    def __init__(self, base_layer: torch.nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.base_layer(x, *args, **kwargs)
+
+
+def _wrapped_only(base: torch.nn.Module) -> torch.nn.Module:
+    """A clone of ``base`` whose default adapter targets are wrapped in :class:`_PassThrough`."""
+    from ..attach import target_names
+    from ..config import AdapterConfig
+    from .backbones import share_frozen_clone
+
+    model = share_frozen_clone(base)
+    for name in target_names(model, AdapterConfig(method="lora")):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, _PassThrough(getattr(owner, child)))
+    return model
+
+
 def _merged_lora(base: torch.nn.Module) -> torch.nn.Module:
     """A LoRA attached to a clone of ``base`` and merged into fresh copies of the layers it adapts."""
     from ..attach import adapter_layers, attach
@@ -140,8 +167,8 @@ def measure_generation(
         [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
     )
     prompt = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-    models: dict[str, torch.nn.Module] = {BASE: base}
-    params = {BASE: 0}
+    models: dict[str, torch.nn.Module] = {BASE: base, "wrapper-floor": _wrapped_only(base).eval()}
+    params = {BASE: 0, "wrapper-floor": 0}
     for method in methods:
         models[method] = attach(share_frozen_clone(base), method_config(method, dropout=0.0)).eval()
         params[method] = trainable(models[method])
