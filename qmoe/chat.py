@@ -20,6 +20,7 @@ revision=None)``
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -132,6 +133,20 @@ def load_chat_model(
     return ChatModel(model, tokenizer, source, adapter_dir, routed, dequantized, merge)
 
 
+# Intra-op threads of the generating thread on CPU. It is not the main thread (the streamer's consumer is), and
+# measured there (BENCHMARKS.md, "Chat"), two threads decoded the builtin model 1.6x slower than one with
+# bitsandbytes' 4-bit kernel, and no faster with dense weights. QMOE_CHAT_THREADS overrides it.
+CHAT_THREADS_ENV = "QMOE_CHAT_THREADS"
+
+
+def generation_threads() -> int:
+    """Torch CPU threads :func:`stream_reply` generates with (``$QMOE_CHAT_THREADS``, default 1)."""
+    value = os.environ.get(CHAT_THREADS_ENV, "1").strip() or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"{CHAT_THREADS_ENV}={value!r} is invalid: must be a whole number >= 1")
+    return int(value)
+
+
 def stream_reply(
     chat: ChatModel, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0, trace: bool = False
 ) -> Iterator[dict]:
@@ -140,6 +155,7 @@ def stream_reply(
     from .routing import routing, set_tracing
 
     tokenizer, model = chat.tokenizer, chat.model
+    threads = generation_threads()  # (checked before any work: a bad value is a UsageError here)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -152,6 +168,9 @@ def stream_reply(
     tracing = trace and bool(chat.routed_layers)
 
     def work():
+        before = torch.get_num_threads()
+        if model.device.type == "cpu":
+            torch.set_num_threads(threads)
         try:
             with torch.no_grad():
                 result["ids"] = model.generate(
@@ -164,6 +183,8 @@ def stream_reply(
         except BaseException as exc:  # surfaced in the caller's thread below
             result["error"] = exc
             streamer.end()
+        finally:
+            torch.set_num_threads(before)
 
     if tracing:
         set_tracing(model, True)

@@ -364,3 +364,41 @@ def test_fast_path_through_the_triton_kernels_equals_reference(tiny_4bit, refere
         for name, layer in qmoe.adapter_layers(model).items():
             assert torch.equal(layer.last_counts, counts[name])
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# chat's generation threads on CPU
+
+
+def test_chat_generates_with_its_own_thread_count_and_restores_torch_s(chat_model_dir, monkeypatch):
+    from qmoe.chat import load_chat_model, stream_reply
+
+    chat = load_chat_model(None, base_source=str(chat_model_dir))
+    seen = []
+    real_generate = chat.model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(chat.model, "generate", spy)
+    before = torch.get_num_threads()
+    messages = [{"role": "user", "content": "hi"}]
+    for setting, expected in ((None, 1), ("2", 2)):
+        if setting is None:
+            monkeypatch.delenv("QMOE_CHAT_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("QMOE_CHAT_THREADS", setting)
+        assert list(stream_reply(chat, messages, max_new_tokens=2))[-1]["done"]
+        assert seen[-1] == expected and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_chat_thread_count_is_a_usage_error(chat_model_dir, monkeypatch, value):
+    from qmoe.chat import load_chat_model, stream_reply
+    from qmoe.errors import UsageError
+
+    chat = load_chat_model(None, base_source=str(chat_model_dir))
+    monkeypatch.setenv("QMOE_CHAT_THREADS", value)
+    with pytest.raises(UsageError, match=f"QMOE_CHAT_THREADS={value!r} is invalid"):
+        next(stream_reply(chat, [{"role": "user", "content": "hi"}], max_new_tokens=2))
