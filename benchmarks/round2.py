@@ -1,0 +1,339 @@
+"""Issue 21's results, round two: each method at its own best learning rate, then the learning curve and the
+task mixture at that rate. Model selection uses a validation split (the last 500 problems of the GSM8K
+training file, never trained on); test sets are touched once, at the end, by the selected runs only.
+
+    python benchmarks/round2.py --stage sweep      # 5 methods x 3 learning rates, 50 steps each; selection
+    python benchmarks/round2.py --stage curve      # each method at its best rate on 800 (and 2,000) problems
+    python benchmarks/round2.py --stage mixture    # GSM8K + ARC-Easy + BoolQ + OpenBookQA, best rates
+    python benchmarks/round2.py --stage report     # tables and figures from whatever is finished
+    python benchmarks/round2.py --validate-only    # validation NLL of finished runs (a second process)
+
+Resumable at the level of single runs: a run whose record (``benchmarks/results/round2/<stage>/<label>.json``,
+committed, with its validation NLL per problem) is complete is never redone; an interrupted training resumes
+from its last checkpoint (``qmoe compare``'s runner) and a finished one is reused. Each stage writes its table
+(``benchmarks/results/round2/<stage>.md``) as soon as it has results, and the script prints the remaining
+training steps and a time estimate before every run. Run directories go to ``--out-dir`` (default
+``runs/round2``; keep it across sessions to reuse adapters, though the records alone suffice for the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qmoe.compare.runner import _finished, train  # noqa: E402
+from qmoe.compare.selection import group_of, select_best, selection_table, validation_nll  # noqa: E402
+from qmoe.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+SHARED = Path(os.environ.get("QMOE_SHARED", ROOT.parent / "shared"))
+GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
+RECORDS = ROOT / "benchmarks" / "results" / "round2"
+FIGURES = ROOT / "docs" / "figures"
+BATCH = 4
+SWEEP_PROBLEMS = 200  # 50 steps of 4: round one's budget (RESULTS.md)
+CURVE_PROBLEMS = (800, 2000)  # one epoch each; the 200-problem point is the sweep's selected run
+VAL_LAST = 500  # validation: the last 500 problems of GSM8K train (the runs train on the first ones)
+MAX_LENGTH = 256
+LEARNING_RATES = ("1e-4", "3e-4", "1e-3")
+# equal trainable-parameter budgets (benchmarks/results_cpu.sh): alpha = 2r everywhere
+METHODS = {
+    "lora": ("recipes/gsm8k-lora.yaml", []),
+    "loramoe": ("recipes/gsm8k-loramoe.yaml", ["adapter.r=36", "adapter.alpha=72"]),
+    "moelora": ("recipes/gsm8k.yaml", []),
+    "moelora-no-contrastive": ("recipes/gsm8k.yaml", ["adapter.contrastive_loss_weight=0"]),
+    "loracoe": ("recipes/gsm8k-loracoe.yaml", ["adapter.r=18", "adapter.alpha=36"]),
+}
+_KEPT = ("method", "trainable_parameters", "train_seconds", "peak_mem_mb", "tokens_per_s", "final_loss", "steps")
+
+
+def common_overrides(data: list[str], problems: int) -> list[str]:
+    return [
+        "model.source=builtin:smollm2-135m-instruct",
+        *data,
+        f"data.limit={problems}",
+        f"data.max_length={MAX_LENGTH}",
+        f"train.max_steps={problems // BATCH}",
+        f"train.batch_size={BATCH}",
+        "train.gradient_accumulation=1",
+        "train.logging_steps=2",
+        "train.checkpoint_steps=10",
+        "model.gradient_checkpointing=false",
+    ]
+
+
+def lr_overrides(method: str, lr: str, steps: int) -> list[str]:
+    if method != "loracoe":
+        return [f"train.lr={lr}"]
+    # LoRACoE's two stages scaled together: warm-up at lr, joint at lr / 4 (the recipe's 2e-4 then 5e-5)
+    half, joint = steps // 2, float(lr) / 4
+    return [
+        f"train.stages=[{{stage: warmup, max_steps: {half}, lr: {lr}}}, "
+        f"{{stage: joint, max_steps: {steps - half}, lr: {joint:.3g}}}]"
+    ]
+
+
+def method_run(method: str, lr: str, problems: int, data: list[str] | None = None) -> tuple[str, list[str]]:
+    """(recipe, overrides) of ``method`` at ``lr`` on the first ``problems`` of ``data`` (default GSM8K train)."""
+    recipe, own = METHODS[method]
+    data = data or [f"data.path={GSM8K_TRAIN}"]
+    return recipe, [*common_overrides(data, problems), *own, *lr_overrides(method, lr, problems // BATCH)]
+
+
+def sweep_runs() -> list[tuple[str, str, list[str]]]:
+    return [
+        (f"{method}@lr{lr}", *method_run(method, lr, SWEEP_PROBLEMS)) for method in METHODS for lr in LEARNING_RATES
+    ]
+
+
+def best_rates() -> dict[str, str]:
+    """{method: learning rate} selected by the sweep's validation NLL (every sweep run must be validated)."""
+    records = load_records("sweep", [label for label, _, _ in sweep_runs()])
+    missing = [label for label, _, _ in sweep_runs() if "validation" not in records.get(label, {})]
+    if missing:
+        raise SystemExit(f"the sweep is not finished (no validation NLL yet: {', '.join(missing)}); run --stage sweep")
+    best = select_best({label: r["validation"] for label, r in records.items()})
+    return {group: label.split("@lr", 1)[1] for group, label in best.items()}
+
+
+def curve_runs() -> list[tuple[str, str, list[str]]]:
+    rates = best_rates()
+    return [(f"{m}@n{n}", *method_run(m, rates[m], n)) for n in CURVE_PROBLEMS for m in METHODS]
+
+
+MIXTURE_TASKS = ("ARC-Easy", "boolq", "openbookqa")
+MIXTURE_PER_TASK = 200  # training problems per task (GSM8K's are its first 200, as in the sweep)
+MIXTURE_VAL_PER_TASK = 125  # validation problems per task: the last ones of each training file
+
+
+def mixture_file(out_dir: Path) -> Path:
+    """GSM8K + the three commonsense training sets in one LLM-Adapters-format JSON file (instruction / output /
+    answer), interleaved task by task so every batch mixes tasks; written once into ``out_dir``."""
+    from qmoe.data import load_gsm8k
+
+    path = out_dir / "mixture-train.json"
+    if path.is_file():
+        return path
+    per_task = {
+        "gsm8k": [
+            {"instruction": r["prompt"], "output": r["target"], "answer": r["gold"]}
+            for r in load_gsm8k("train", path=str(GSM8K_TRAIN), limit=MIXTURE_PER_TASK)
+        ]
+    }
+    for task in MIXTURE_TASKS:
+        rows = json.loads((SHARED / "data" / "llm-adapters" / "dataset" / task / "train.json").read_text())
+        per_task[task] = rows[:MIXTURE_PER_TASK]
+    mixed = [rows[i] for i in range(MIXTURE_PER_TASK) for rows in per_task.values()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(mixed))
+    return path
+
+
+def mixture_runs(out_dir: Path) -> list[tuple[str, str, list[str]]]:
+    rates, data = best_rates(), mixture_file(out_dir)
+    problems = MIXTURE_PER_TASK * (1 + len(MIXTURE_TASKS))
+    runs = []
+    for method in METHODS:
+        recipe, overrides = method_run(method, rates[method], problems, [f"data.source={data}", "data.format=alpaca"])
+        runs.append((f"{method}@mixture", recipe, overrides))
+    return runs
+
+
+# ------------------------------------------------------------------------------------------- run, record
+
+
+class Estimate:
+    """Remaining time from the seconds per training step measured so far in this invocation."""
+
+    def __init__(self, steps_left: int):
+        self.steps_left, self.seconds, self.steps = steps_left, 0.0, 0
+
+    def done(self, steps: int, seconds: float) -> None:
+        self.steps_left -= steps
+        self.seconds += seconds
+        self.steps += steps
+
+    def __str__(self) -> str:
+        if not self.steps:
+            return f"{self.steps_left} training steps left (no timing yet)"
+        left = self.steps_left * self.seconds / self.steps
+        return f"{self.steps_left} training steps left, about {left / 60:.0f} min of training"
+
+
+def _steps(overrides: list[str]) -> int:
+    return int(next(o.split("=", 1)[1] for o in overrides if o.startswith("train.max_steps=")))
+
+
+def _children_cpu() -> float:
+    times = os.times()
+    return times.children_user + times.children_system
+
+
+def record_path(stage: str, label: str) -> Path:
+    return RECORDS / stage / f"{label}.json"
+
+
+def load_records(stage: str, labels: list[str]) -> dict[str, dict]:
+    return {
+        label: json.loads(record_path(stage, label).read_text())
+        for label in labels
+        if record_path(stage, label).is_file()
+    }
+
+
+def train_stage(stage: str, runs: list[tuple[str, str, list[str]]], out_dir: Path) -> None:
+    """Train every run of ``stage`` that has no record yet, writing its record when it finishes."""
+    todo = [r for r in runs if not record_path(stage, r[0]).is_file()]
+    estimate = Estimate(sum(_steps(o) for _, _, o in todo))
+    for label, recipe, overrides in todo:
+        print(f"[{stage}] {label}: {estimate}", flush=True)
+        cpu0, wall0 = _children_cpu(), time.perf_counter()
+        result = train(label, recipe, overrides, out_dir / stage)
+        if result.error:
+            print(f"[{stage}] {label} failed: {result.error}", flush=True)
+            continue
+        estimate.done(_steps(overrides), time.perf_counter() - wall0)
+        record = {k: v for k, v in result.as_record().items() if k in _KEPT}
+        record.update(label=label, recipe=recipe, overrides=overrides, cpu_seconds=_children_cpu() - cpu0)
+        record_path(stage, label).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(record_path(stage, label), record)
+
+
+def validation_sets() -> dict[str, list[dict]]:
+    """The validation problems: GSM8K's last 500 (and, for the mixture, each commonsense set's last 125)."""
+    from qmoe.compare.selection import validation_records
+    from qmoe.data import llm_adapters_record
+
+    sets = {"gsm8k": validation_records(GSM8K_TRAIN, VAL_LAST, max(CURVE_PROBLEMS))}
+    for task in MIXTURE_TASKS:
+        path = SHARED / "data" / "llm-adapters" / "dataset" / task / "train.json"
+        rows = json.loads(path.read_text())
+        sets[task] = [llm_adapters_record(r, path, i) for i, r in enumerate(rows)][-MIXTURE_VAL_PER_TASK:]
+    return sets
+
+
+def validate_stage(stage: str, labels: list[str], out_dir: Path, tasks: tuple[str, ...] = ("gsm8k",)) -> None:
+    """Validation NLL (per task in ``tasks``) of every finished run of ``stage`` whose record lacks it."""
+    sets = None
+    for label in labels:
+        path = record_path(stage, label)
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        wanted = [t for t in tasks if f"validation-{t}" not in record and not (t == "gsm8k" and "validation" in record)]
+        if not wanted:
+            continue
+        run_dir = out_dir / stage / label
+        if not _finished(run_dir):
+            print(f"[{stage}] {label}: its run directory is gone; re-run --stage {stage} to retrain it", flush=True)
+            continue
+        sets = sets or validation_sets()
+        for task in wanted:
+            print(f"[{stage}] {label}: validation NLL on {task} ({len(sets[task])} problems)", flush=True)
+            start = time.process_time()
+            result = validation_nll(run_dir, sets[task], max_length=MAX_LENGTH)
+            result = {k: v for k, v in result.items() if k != "key"}
+            result["cpu_seconds"] = time.process_time() - start
+            record["validation" if task == "gsm8k" else f"validation-{task}"] = result
+            atomic_write_json(path, record)
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def report_sweep() -> str | None:
+    labels = [label for label, _, _ in sweep_runs()]
+    records = load_records("sweep", labels)
+    nll = {label: r["validation"] for label, r in records.items() if "validation" in r}
+    if not nll:
+        return None
+    extra = {
+        label: {
+            "train loss (last)": f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "",
+            "train CPU s": f"{r['cpu_seconds']:.0f}",
+        }
+        for label, r in records.items()
+        if label in nll
+    }
+    total_cpu = sum(r["cpu_seconds"] + r.get("validation", {}).get("cpu_seconds", 0) for r in records.values())
+    table = selection_table(nll, extra)
+    missing = [label for label in labels if label not in nll]
+    note = f"\n{len(nll)} of {len(labels)} runs validated" + (
+        f"; still to run: {', '.join(missing)}" if missing else ""
+    )
+    text = (
+        f"Validation answer NLL (last {VAL_LAST} problems of GSM8K train; runs trained on its first "
+        f"{SWEEP_PROBLEMS}, {SWEEP_PROBLEMS // BATCH} steps of {BATCH}). Total CPU time so far: "
+        f"{total_cpu / 3600:.1f} h (training and validation).\n\n{table}{note}.\n"
+    )
+    atomic_write_text(RECORDS / "sweep.md", text)
+    sweep_figure(nll)
+    return text
+
+
+def sweep_figure(nll: dict[str, dict]) -> Path:
+    """Validation NLL against learning rate, one line per method, with each point's paired 95% interval
+    against its method's best (the best's own point has none)."""
+    import matplotlib.pyplot as plt
+
+    from qmoe.compare.plots import save_figure
+    from qmoe.compare.statistics import paired_nll_difference
+
+    best = select_best(nll)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for group in METHODS:
+        points = sorted(
+            ((float(label.split("@lr", 1)[1]), label) for label in nll if group_of(label) == group), key=lambda p: p[0]
+        )
+        if not points:
+            continue
+        xs = [x for x, _ in points]
+        ys = [nll[label]["nll"] for _, label in points]
+        errs = []
+        for _, label in points:
+            diff = None if label == best[group] else paired_nll_difference(nll[label], nll[best[group]])
+            errs.append(0.0 if diff is None else diff[1])
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=group)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (LoRACoE: warm-up stage; joint stage at a quarter)")
+    ax.set_ylabel(f"validation answer NLL (GSM8K train, last {VAL_LAST})")
+    ax.set_title("Learning-rate sweep, 50 steps, equal parameter budgets")
+    ax.legend(fontsize=8)
+    return save_figure(fig, FIGURES / "round2-lr-sweep.png")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=("sweep", "curve", "mixture", "report"), default="sweep")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "round2")
+    parser.add_argument("--validate-only", action="store_true", help="only the validation NLL of finished runs")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.stage in ("sweep", "report"):
+        runs = sweep_runs()
+        if args.stage == "sweep":
+            if not args.validate_only:
+                train_stage("sweep", runs, args.out_dir)
+            validate_stage("sweep", [label for label, _, _ in runs], args.out_dir)
+        text = report_sweep()
+        print(text or "no validated sweep run yet")
+        return 0
+    if args.stage == "curve":
+        runs = curve_runs()
+        tasks: tuple[str, ...] = ("gsm8k",)
+    else:
+        runs, tasks = mixture_runs(args.out_dir), ("gsm8k", *MIXTURE_TASKS)
+    if not args.validate_only:
+        train_stage(args.stage, runs, args.out_dir)
+    validate_stage(args.stage, [label for label, _, _ in runs], args.out_dir, tasks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""benchmarks/round2.py (issue 21's driver): every run it plans is a valid recipe at the equal parameter
+budgets, LoRACoE's two stages scale together, and the task mixture interleaves its four training sets."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from conftest import REPO, SHARED
+
+from qmoe.recipe import load_recipe
+
+spec = importlib.util.spec_from_file_location("round2", REPO / "benchmarks" / "round2.py")
+round2 = importlib.util.module_from_spec(spec)
+sys.modules["round2"] = round2
+spec.loader.exec_module(round2)
+
+
+def test_the_sweep_is_every_method_at_every_rate_and_each_run_is_a_valid_recipe():
+    runs = round2.sweep_runs()
+    assert [label for label, _, _ in runs] == [f"{m}@lr{lr}" for m in round2.METHODS for lr in round2.LEARNING_RATES]
+    for label, recipe, overrides in runs:
+        r = load_recipe(REPO / recipe, overrides)
+        assert r.data.limit == 200 and r.train.max_steps == 50 and r.train.batch_size == 4
+        assert r.adapter.alpha == 2 * r.adapter.r  # alpha = 2r everywhere
+        lr = float(label.split("@lr")[1])
+        if r.adapter.method == "loracoe":
+            assert [(s.stage, s.max_steps, s.lr) for s in r.train.stages] == [
+                ("warmup", 25, lr),
+                ("joint", 25, pytest.approx(lr / 4)),
+            ]
+        else:
+            assert r.train.lr == lr and not r.train.stages
+    no_cl = load_recipe(REPO / runs[9][1], runs[9][2])
+    assert runs[9][0].startswith("moelora-no-contrastive") and no_cl.adapter.contrastive_loss_weight == 0
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "llm-adapters").is_dir(), reason="needs ../shared/data")
+def test_the_mixture_interleaves_gsm8k_and_the_three_commonsense_sets(tmp_path):
+    path = round2.mixture_file(tmp_path)
+    rows = json.loads(path.read_text())
+    assert len(rows) == 4 * round2.MIXTURE_PER_TASK
+    assert "####" in rows[0]["output"] and rows[2]["answer"] in ("true", "false")
+    assert rows[1]["answer"].startswith("answer") and rows[3]["answer"].startswith("answer")
+    r = load_recipe(REPO / "recipes/gsm8k-lora.yaml", [*round2.common_overrides([f"data.source={path}"], 800)])
+    assert r.train.max_steps == 200 and r.data.source == str(path)
+    assert round2.mixture_file(tmp_path) == path  # written once
