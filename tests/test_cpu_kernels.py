@@ -7,27 +7,17 @@ import warnings
 
 import pytest
 import torch
+from test_inference import METHODS, config, randomize
 
 import qmoe
 from qmoe import kernels
 from qmoe.kernels import cpu_decode
 from qmoe.kernels.selfcheck import KernelFallbackWarning
 
-METHODS = ["lora", "loramoe", "moelora", "loracoe"]
 
-
-def config(method, **kw):
-    kw.setdefault("dropout", 0.0)
-    return qmoe.AdapterConfig(method=method, **kw)
-
-
-def randomized(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in qmoe.adapter_layers(model).values():
-            for name in layer.adapter_param_names:
-                p = getattr(layer, name)
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+def randomized(model):
+    """The model with every adapter tensor random (test_inference.randomize), in eval mode."""
+    randomize(model)
     return model.eval()
 
 
