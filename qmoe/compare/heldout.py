@@ -8,6 +8,7 @@ objective measured on problems the adapter never saw. Differences between runs: 
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +33,7 @@ def answer_nll(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     # batches of similar lengths (little padding: the same numbers, less work); results in the records' order
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     per_example: list = [None] * len(examples)
@@ -40,9 +42,17 @@ def answer_nll(
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-                clear_aux(model)
                 labels = batch["labels"][:, 1:]
+                # logits only from the first position that predicts an answer token on: the output layer over
+                # the whole vocabulary costs as much as a quarter of a small model, and prompts need none of it
+                scored = labels != -100
+                first = int(scored.float().argmax(1)[scored.any(1)].min()) if bool(scored.any()) else 0
+                kwargs = {"logits_to_keep": labels.shape[1] + 1 - first} if keeps_logits else {}
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+                logits = logits.logits.float()
+                clear_aux(model)
+                if keeps_logits:
+                    labels = labels[:, first:]
                 logp = torch.log_softmax(logits[:, :-1], dim=-1)
                 mask = labels != -100
                 picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
