@@ -93,18 +93,22 @@ def sweep_runs() -> list[tuple[str, str, list[str]]]:
 
 
 def best_rates() -> dict[str, str]:
-    """{method: learning rate} selected by the sweep's validation NLL (every sweep run must be validated)."""
-    records = load_records("sweep", [label for label, _, _ in sweep_runs()])
-    missing = [label for label, _, _ in sweep_runs() if "validation" not in records.get(label, {})]
-    if missing:
-        raise SystemExit(f"the sweep is not finished (no validation NLL yet: {', '.join(missing)}); run --stage sweep")
-    best = select_best({label: r["validation"] for label, r in records.items()})
+    """{method: learning rate} selected by the sweep's validation NLL, for the methods whose sweep runs are all
+    validated (the later stages run those, and say which methods still wait)."""
+    runs = [label for label, _, _ in sweep_runs()]
+    records = load_records("sweep", runs)
+    validated = {label: r["validation"] for label, r in records.items() if "validation" in r}
+    complete = {m for m in METHODS if all(f"{m}@lr{lr}" in validated for lr in LEARNING_RATES)}
+    waiting = [m for m in METHODS if m not in complete]
+    if waiting:
+        print(f"the sweep has not validated every rate of {', '.join(waiting)} yet: those wait", flush=True)
+    best = select_best({label: v for label, v in validated.items() if group_of(label) in complete})
     return {group: label.split("@lr", 1)[1] for group, label in best.items()}
 
 
 def curve_runs() -> list[tuple[str, str, list[str]]]:
     rates = best_rates()
-    return [(f"{m}@n{n}", *method_run(m, rates[m], n)) for n in CURVE_PROBLEMS for m in METHODS]
+    return [(f"{m}@n{n}", *method_run(m, rates[m], n)) for n in CURVE_PROBLEMS for m in METHODS if m in rates]
 
 
 MIXTURE_TASKS = ("ARC-Easy", "boolq", "openbookqa")
@@ -139,7 +143,7 @@ def mixture_runs(out_dir: Path) -> list[tuple[str, str, list[str]]]:
     rates, data = best_rates(), mixture_file(out_dir)
     problems = MIXTURE_PER_TASK * (1 + len(MIXTURE_TASKS))
     runs = []
-    for method in METHODS:
+    for method in (m for m in METHODS if m in rates):
         recipe, overrides = method_run(method, rates[method], problems, [f"data.source={data}", "data.format=alpaca"])
         runs.append((f"{method}@mixture", recipe, overrides))
     return runs
@@ -308,6 +312,73 @@ def sweep_figure(nll: dict[str, dict]) -> Path:
     return save_figure(fig, FIGURES / "round2-lr-sweep.png")
 
 
+def report_curve() -> str | None:
+    """Validation NLL against training problems seen (the sweep's selected run is the 200 point), per method,
+    with 95% intervals; each point's difference from LoRA at the same budget, paired."""
+    from qmoe.compare.statistics import nll_halfwidth, paired_nll_difference
+
+    sweep = load_records("sweep", [label for label, _, _ in sweep_runs()])
+    rates = best_rates()
+    points: dict[str, dict[int, dict]] = {}
+    for method, lr in rates.items():
+        points[method] = {SWEEP_PROBLEMS: sweep[f"{method}@lr{lr}"]["validation"]}
+        for n in CURVE_PROBLEMS:
+            record = load_records("curve", [f"{method}@n{n}"]).get(f"{method}@n{n}", {})
+            if "validation" in record:
+                points[method][n] = record["validation"]
+    if not any(len(p) > 1 for p in points.values()):
+        return None
+    sizes = [SWEEP_PROBLEMS, *CURVE_PROBLEMS]
+    lines = ["| method (lr) | " + " | ".join(f"{n} problems" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for method, by_n in points.items():
+        cells = []
+        for n in sizes:
+            if n not in by_n:
+                cells.append("—")
+                continue
+            cell = f"{by_n[n]['nll']:.4f} ±{nll_halfwidth(by_n[n]):.4f}"
+            lora = points.get("lora", {}).get(n)
+            if method != "lora" and lora is not None:
+                diff = paired_nll_difference(by_n[n], lora)
+                if diff is not None:
+                    cell += f" (vs LoRA {diff[0]:+.4f} ±{diff[1]:.4f})"
+            cells.append(cell)
+        lines.append(f"| {method} ({rates[method]}) | " + " | ".join(cells) + " |")
+    text = (
+        f"Validation answer NLL (last {VAL_LAST} problems of GSM8K train) after one epoch on the first N problems "
+        "(batch 4), each method at its selected learning rate; ± is a 95% interval, and the difference from LoRA "
+        "at the same N is paired.\n\n" + "\n".join(lines) + "\n"
+    )
+    atomic_write_text(RECORDS / "curve.md", text)
+    curve_figure(points, rates)
+    return text
+
+
+def curve_figure(points: dict[str, dict[int, dict]], rates: dict[str, str]) -> Path:
+    import matplotlib.pyplot as plt
+
+    from qmoe.compare.plots import save_figure
+    from qmoe.compare.statistics import nll_halfwidth
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, by_n in points.items():
+        sizes = sorted(by_n)
+        ax.errorbar(
+            sizes,
+            [by_n[n]["nll"] for n in sizes],
+            yerr=[nll_halfwidth(by_n[n]) for n in sizes],
+            marker="o",
+            capsize=3,
+            label=f"{method} (lr {rates[method]})",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("training problems seen (one epoch, batch 4)")
+    ax.set_ylabel(f"validation answer NLL (GSM8K train, last {VAL_LAST})")
+    ax.set_title("Learning curve at each method's selected learning rate (95% intervals)")
+    ax.legend(fontsize=8)
+    return save_figure(fig, FIGURES / "round2-learning-curve.png")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=("sweep", "curve", "mixture", "report"), default="sweep")
@@ -321,8 +392,9 @@ def main() -> int:
             if not args.validate_only:
                 train_stage("sweep", runs, args.out_dir)
             validate_stage("sweep", [label for label, _, _ in runs], args.out_dir)
-        text = report_sweep()
-        print(text or "no validated sweep run yet")
+        print(report_sweep() or "no validated sweep run yet")
+        if args.stage == "report":
+            print(report_curve() or "no validated curve run yet")
         return 0
     if args.stage == "curve":
         runs = curve_runs()
@@ -332,6 +404,8 @@ def main() -> int:
     if not args.validate_only:
         train_stage(args.stage, runs, args.out_dir)
     validate_stage(args.stage, [label for label, _, _ in runs], args.out_dir, tasks)
+    if args.stage == "curve":
+        print(report_curve() or "no validated curve run yet")
     return 0
 
 

@@ -88,3 +88,11 @@ def test_validation_nll_of_an_adapter_is_cached_per_problem_set(tmp_path):
     assert cache.stat().st_mtime_ns == stamp  # reused
     other = validation_nll(adapter, records[:2], max_length=128, dequantize="off")
     assert other["tokens"] < first["tokens"] and cache.stat().st_mtime_ns != stamp  # other problems: measured
+
+
+def test_the_interval_of_one_runs_nll_treats_problems_as_the_unit():
+    from qmoe.compare.statistics import nll_halfwidth
+
+    # per-problem NLL sums 10, 20, 30 over 10 tokens each: mean 2.0, residuals -10, 0, 10 (variance 100)
+    assert nll_halfwidth(nll([[10.0, 10], [20.0, 10], [30.0, 10]])) == pytest.approx(1.96 * (3 * 100) ** 0.5 / 30)
+    assert nll_halfwidth(nll([[5.0, 10], [10.0, 20]])) == 0.0  # every problem at the mean

@@ -91,3 +91,14 @@ def paired_nll_difference(mine: dict, reference: dict) -> tuple[float, float] | 
     mean = sum(diffs) / n
     var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
     return sum(diffs) / tokens, 1.96 * math.sqrt(n * var) / tokens
+
+
+def nll_halfwidth(result: dict) -> float:
+    """95% half-width of a token-weighted mean NLL (``heldout.answer_nll``), problems as the sampled unit: the
+    ratio estimator's delta-method variance, the unpaired counterpart of :func:`paired_nll_difference`."""
+    rows = result["per_example"]
+    tokens = sum(n for _, n in rows)
+    mean = sum(s for s, _ in rows) / tokens
+    residuals = [s - mean * n for s, n in rows]
+    var = sum(r * r for r in residuals) / max(len(rows) - 1, 1)
+    return 1.96 * math.sqrt(len(rows) * var) / tokens
