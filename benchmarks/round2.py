@@ -42,6 +42,8 @@ CURVE_PROBLEMS = (800, 2000)  # one epoch each; the 200-problem point is the swe
 VAL_LAST = 500  # validation: the last 500 problems of GSM8K train (the runs train on the first ones)
 MAX_LENGTH = 256
 LEARNING_RATES = ("1e-4", "3e-4", "1e-3")
+# one more rate beyond the grid's edge for a method whose best validated rate sits on that edge (once)
+EDGE_RATES = {"1e-4": "3e-5", "1e-3": "3e-3"}
 # equal trainable-parameter budgets (benchmarks/results_cpu.sh): alpha = 2r everywhere
 METHODS = {
     "lora": ("recipes/gsm8k-lora.yaml", []),
@@ -86,19 +88,29 @@ def method_run(method: str, lr: str, problems: int, data: list[str] | None = Non
     return recipe, [*common_overrides(data, problems), *own, *lr_overrides(method, lr, problems // BATCH)]
 
 
+def sweep_rates(method: str) -> list[str]:
+    """The grid, plus the rate beyond an edge where the method's best grid rate sits on it (the optimum may
+    lie outside the grid): decided once all grid rates of the method are validated."""
+    grid = [f"{method}@lr{lr}" for lr in LEARNING_RATES]
+    records = load_records("sweep", grid)
+    if not all("validation" in records.get(label, {}) for label in grid):
+        return list(LEARNING_RATES)
+    best = min(grid, key=lambda label: records[label]["validation"]["nll"]).split("@lr", 1)[1]
+    return [*LEARNING_RATES, EDGE_RATES[best]] if best in EDGE_RATES else list(LEARNING_RATES)
+
+
 def sweep_runs() -> list[tuple[str, str, list[str]]]:
-    return [
-        (f"{method}@lr{lr}", *method_run(method, lr, SWEEP_PROBLEMS)) for method in METHODS for lr in LEARNING_RATES
-    ]
+    rates = {method: sweep_rates(method) for method in METHODS}
+    return [(f"{m}@lr{lr}", *method_run(m, lr, SWEEP_PROBLEMS)) for m in METHODS for lr in rates[m]]
 
 
 def best_rates() -> dict[str, str]:
-    """{method: learning rate} selected by the sweep's validation NLL, for the methods whose sweep runs are all
-    validated (the later stages run those, and say which methods still wait)."""
+    """{method: learning rate} selected by the sweep's validation NLL, for the methods whose sweep runs (grid and
+    edge extension) are all validated (the later stages run those, and say which methods still wait)."""
     runs = [label for label, _, _ in sweep_runs()]
     records = load_records("sweep", runs)
     validated = {label: r["validation"] for label, r in records.items() if "validation" in r}
-    complete = {m for m in METHODS if all(f"{m}@lr{lr}" in validated for lr in LEARNING_RATES)}
+    complete = {m for m in METHODS if all(label in validated for label in runs if group_of(label) == m)}
     waiting = [m for m in METHODS if m not in complete]
     if waiting:
         print(f"the sweep has not validated every rate of {', '.join(waiting)} yet: those wait", flush=True)

@@ -16,7 +16,20 @@ sys.modules["round2"] = round2
 spec.loader.exec_module(round2)
 
 
-def test_the_sweep_is_every_method_at_every_rate_and_each_run_is_a_valid_recipe():
+@pytest.fixture
+def no_records(tmp_path, monkeypatch):
+    """round2 reading and writing its records under tmp_path instead of benchmarks/results/round2."""
+    monkeypatch.setattr(round2, "RECORDS", tmp_path / "records")
+    return tmp_path / "records"
+
+
+def validated(records, label, nll):
+    path = records / "sweep" / f"{label}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"label": label, "validation": {"nll": nll, "tokens": 1, "per_example": [[nll, 1]]}}))
+
+
+def test_the_sweep_is_every_method_at_every_rate_and_each_run_is_a_valid_recipe(no_records):
     runs = round2.sweep_runs()
     assert [label for label, _, _ in runs] == [f"{m}@lr{lr}" for m in round2.METHODS for lr in round2.LEARNING_RATES]
     for label, recipe, overrides in runs:
@@ -45,3 +58,25 @@ def test_the_mixture_interleaves_gsm8k_and_the_three_commonsense_sets(tmp_path):
     r = load_recipe(REPO / "recipes/gsm8k-lora.yaml", [*round2.common_overrides([f"data.source={path}"], 800)])
     assert r.train.max_steps == 200 and r.data.source == str(path)
     assert round2.mixture_file(tmp_path) == path  # written once
+
+
+def test_a_best_rate_on_the_grids_edge_adds_the_rate_beyond_it(no_records):
+    for lr, nll in (("1e-4", 1.3), ("3e-4", 1.2), ("1e-3", 1.1)):  # LoRA: best at the top edge
+        validated(no_records, f"lora@lr{lr}", nll)
+    for lr, nll in (("1e-4", 1.1), ("3e-4", 1.2), ("1e-3", 1.3)):  # LoRAMoE: best at the bottom edge
+        validated(no_records, f"loramoe@lr{lr}", nll)
+    for lr, nll in (("1e-4", 1.3), ("3e-4", 1.1), ("1e-3", 1.2)):  # MoELoRA: inside the grid
+        validated(no_records, f"moelora@lr{lr}", nll)
+    assert round2.sweep_rates("lora") == ["1e-4", "3e-4", "1e-3", "3e-3"]
+    assert round2.sweep_rates("loramoe") == ["1e-4", "3e-4", "1e-3", "3e-5"]
+    assert round2.sweep_rates("moelora") == ["1e-4", "3e-4", "1e-3"]
+    assert round2.sweep_rates("loracoe") == ["1e-4", "3e-4", "1e-3"]  # nothing validated yet
+    assert round2.best_rates() == {"moelora": "3e-4"}  # LoRA and LoRAMoE wait for their extra rate
+    validated(no_records, "lora@lr3e-3", 1.15)
+    assert round2.best_rates() == {"lora": "1e-3", "moelora": "3e-4"}
+    assert [label for label, _, _ in round2.curve_runs()] == [
+        "lora@n800",
+        "moelora@n800",
+        "lora@n2000",
+        "moelora@n2000",
+    ]
