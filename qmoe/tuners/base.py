@@ -273,9 +273,6 @@ class AdapterLayer(nn.Module):
             *[(params[n].data_ptr(), params[n]._version, params[n].dtype) for n in self.adapter_param_names],
         )
 
-    def _adapter_params(self) -> list[torch.Tensor]:
-        return [getattr(self, name) for name in self.adapter_param_names]
-
     def inference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(up^T [in, R'], down^T [R, out]), both contiguous (a transposed view sends a small CPU matmul down a
         path ~10x slower), cached until :meth:`inference_key` changes."""
