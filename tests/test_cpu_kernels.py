@@ -124,6 +124,19 @@ def test_a_failed_build_falls_back_with_one_warning(fresh_verdict, monkeypatch):
     assert not check.ok and not check.required and "Ninja is required" in check.detail
 
 
+def test_a_kernel_that_raises_in_its_self_check_is_not_used(fresh_verdict, monkeypatch):
+    real = cpu_decode.kernels()
+    cpu_decode.forget()
+
+    def raises(*args):
+        raise RuntimeError("z has 41 columns, expected n + n*r = 40")
+
+    broken = types.SimpleNamespace(lora=real.lora, loramoe=real.loramoe, loracoe=raises, moelora=real.moelora)
+    monkeypatch.setattr(cpu_decode, "_build", lambda: broken)
+    with pytest.warns(KernelFallbackWarning, match="its self-check raised RuntimeError: z has 41 columns"):
+        assert cpu_decode.kernels() is None
+
+
 def test_kernels_serve_only_float32_cpu_weights_under_auto(monkeypatch):
     from qmoe.tuners.base import cpu_kernels_for
 

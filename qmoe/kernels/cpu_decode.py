@@ -48,10 +48,13 @@ def kernels() -> ModuleType | None:
                 module, why = None, None
                 try:
                     module = _build()
-                    why = check(module)
                 except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: run eager
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    why = f"it could not be built: {type(exc).__name__}: {first[:300]}"
+                    why = f"it could not be built: {_first_line(exc)}"
+                if module is not None:
+                    try:
+                        why = check(module)
+                    except Exception as exc:  # noqa: BLE001 - a kernel that raises is not used either
+                        why = f"its self-check raised {_first_line(exc)}"
                 if why is not None:
                     module = None
                     warnings.warn(
@@ -62,6 +65,11 @@ def kernels() -> ModuleType | None:
                     )
                 _state.update(module=module, why=why)
     return _state["module"]  # type: ignore[return-value]
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def status() -> str:
