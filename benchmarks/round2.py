@@ -286,11 +286,28 @@ def report_sweep() -> str | None:
     text = (
         f"Validation answer NLL (last {VAL_LAST} problems of GSM8K train; runs trained on its first "
         f"{SWEEP_PROBLEMS}, {SWEEP_PROBLEMS // BATCH} steps of {BATCH}). Total CPU time so far: "
-        f"{total_cpu / 3600:.1f} h (training and validation).\n\n{table}{note}.\n"
+        f"{total_cpu / 3600:.1f} h (training and validation).\n\n{table}{note}.\n\n{best_against_lora(nll)}"
     )
     atomic_write_text(RECORDS / "sweep.md", text)
     sweep_figure(nll)
     return text
+
+
+def best_against_lora(nll: dict[str, dict]) -> str:
+    """Each method's best validated run (so far) against LoRA's best, paired: the comparison at each method's
+    own rate that round one could not make."""
+    from qmoe.compare.statistics import paired_nll_difference
+
+    best = select_best(nll)
+    if "lora" not in best:
+        return ""
+    lines = ["| method | its best rate so far | validation NLL | Δ vs LoRA at its best (95% CI) |", "|---|---|---|---|"]
+    for group in (g for g in METHODS if g in best):
+        label = best[group]
+        diff = None if group == "lora" else paired_nll_difference(nll[label], nll[best["lora"]])
+        delta = "—" if diff is None else f"{diff[0]:+.4f} (±{diff[1]:.4f})"
+        lines.append(f"| {group} | {label.split('@lr', 1)[1]} | {nll[label]['nll']:.4f} | {delta} |")
+    return "Each method at its best validated rate, against LoRA at its own:\n\n" + "\n".join(lines) + "\n"
 
 
 def sweep_figure(nll: dict[str, dict]) -> Path:
