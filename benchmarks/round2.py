@@ -216,7 +216,8 @@ def train_stage(stage: str, runs: list[tuple[str, str, list[str]]], out_dir: Pat
             continue
         estimate.done(_steps(overrides), time.perf_counter() - wall0)
         record = {k: v for k, v in result.as_record().items() if k in _KEPT}
-        record.update(label=label, recipe=recipe, overrides=overrides, cpu_seconds=_children_cpu() - cpu0)
+        cpu = _children_cpu() - cpu0  # ~0 when a run finished by another process was reused: not measured here
+        record.update(label=label, recipe=recipe, overrides=overrides, cpu_seconds=cpu if cpu > 1 else None)
         record_path(stage, label).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(record_path(stage, label), record)
 
@@ -272,12 +273,14 @@ def report_sweep() -> str | None:
     extra = {
         label: {
             "train loss (last)": f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "",
-            "train CPU s": f"{r['cpu_seconds']:.0f}",
+            "train CPU s": f"{r['cpu_seconds']:.0f}" if r.get("cpu_seconds") else "—",
         }
         for label, r in records.items()
         if label in nll
     }
-    total_cpu = sum(r["cpu_seconds"] + r.get("validation", {}).get("cpu_seconds", 0) for r in records.values())
+    total_cpu = sum(
+        (r.get("cpu_seconds") or 0) + r.get("validation", {}).get("cpu_seconds", 0) for r in records.values()
+    )
     table = selection_table(nll, extra)
     missing = [label for label in labels if label not in nll]
     note = f"\n{len(nll)} of {len(labels)} runs validated" + (
