@@ -313,12 +313,23 @@ def best_against_lora(nll: dict[str, dict]) -> str:
     return "Each method at its best validated rate, against LoRA at its own:\n\n" + "\n".join(lines) + "\n"
 
 
+def _save_nll_figure(fig, ax, xlabel: str, title: str, name: str) -> Path:
+    """The round-two figures' shared axes (log x, validation NLL on y, legend), saved as FIGURES/name.png."""
+    from qmoe.compare.plots import save_figure
+
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"validation answer NLL (GSM8K train, last {VAL_LAST})")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return save_figure(fig, FIGURES / f"{name}.png")
+
+
 def sweep_figure(nll: dict[str, dict]) -> Path:
     """Validation NLL against learning rate, one line per method, with each point's paired 95% interval
     against its method's best (the best's own point has none)."""
     import matplotlib.pyplot as plt
 
-    from qmoe.compare.plots import save_figure
     from qmoe.compare.statistics import paired_nll_difference
 
     best = select_best(nll)
@@ -336,12 +347,10 @@ def sweep_figure(nll: dict[str, dict]) -> Path:
             diff = None if label == best[group] else paired_nll_difference(nll[label], nll[best[group]])
             errs.append(0.0 if diff is None else diff[1])
         ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=group)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (LoRACoE: warm-up stage; joint stage at a quarter)")
-    ax.set_ylabel(f"validation answer NLL (GSM8K train, last {VAL_LAST})")
-    ax.set_title("Learning-rate sweep, 50 steps, equal parameter budgets")
-    ax.legend(fontsize=8)
-    return save_figure(fig, FIGURES / "round2-lr-sweep.png")
+    xlabel = "learning rate (LoRACoE: warm-up stage; joint stage at a quarter)"
+    return _save_nll_figure(
+        fig, ax, xlabel, "Learning-rate sweep, 50 steps, equal parameter budgets", "round2-lr-sweep"
+    )
 
 
 def report_curve() -> str | None:
@@ -389,7 +398,6 @@ def report_curve() -> str | None:
 def curve_figure(points: dict[str, dict[int, dict]], rates: dict[str, str]) -> Path:
     import matplotlib.pyplot as plt
 
-    from qmoe.compare.plots import save_figure
     from qmoe.compare.statistics import nll_halfwidth
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -403,12 +411,8 @@ def curve_figure(points: dict[str, dict[int, dict]], rates: dict[str, str]) -> P
             capsize=3,
             label=f"{method} (lr {rates[method]})",
         )
-    ax.set_xscale("log")
-    ax.set_xlabel("training problems seen (one epoch, batch 4)")
-    ax.set_ylabel(f"validation answer NLL (GSM8K train, last {VAL_LAST})")
-    ax.set_title("Learning curve at each method's selected learning rate (95% intervals)")
-    ax.legend(fontsize=8)
-    return save_figure(fig, FIGURES / "round2-learning-curve.png")
+    title = "Learning curve at each method's selected learning rate (95% intervals)"
+    return _save_nll_figure(fig, ax, "training problems seen (one epoch, batch 4)", title, "round2-learning-curve")
 
 
 def main() -> int:
