@@ -124,8 +124,10 @@ def curve_runs() -> list[tuple[str, str, list[str]]]:
 
 
 MIXTURE_TASKS = ("ARC-Easy", "boolq", "openbookqa")
-MIXTURE_PER_TASK = 200  # training problems per task (GSM8K's are its first 200, as in the sweep)
+MIXTURE_PER_TASK = 100  # training problems per task (GSM8K's are its first 100): 400 problems, 100 steps of 4
 MIXTURE_VAL_PER_TASK = 125  # validation problems per task: the last ones of each training file
+MIXTURE_TEST_PER_TASK = 500  # multiple-choice test problems per task: the first ones of each test file
+ROUTING_TEXTS = 40  # validation problems per task whose routing is traced (prompt + reference answer)
 
 
 def mixture_file(out_dir: Path) -> Path:
@@ -259,6 +261,70 @@ def validate_stage(stage: str, labels: list[str], out_dir: Path, tasks: tuple[st
             result["cpu_seconds"] = time.process_time() - start
             record["validation" if task == "gsm8k" else f"validation-{task}"] = result
             atomic_write_json(path, record)
+
+
+def test_sets() -> dict[str, list[dict]]:
+    """The multiple-choice test problems of the mixture's commonsense tasks (touched by the finished runs only)."""
+    from qmoe.data import llm_adapters_record
+
+    sets = {}
+    for task in MIXTURE_TASKS:
+        path = SHARED / "data" / "llm-adapters" / "dataset" / task / "test.json"
+        rows = json.loads(path.read_text())[:MIXTURE_TEST_PER_TASK]
+        sets[task] = [llm_adapters_record(r, path, i) for i, r in enumerate(rows)]
+    return sets
+
+
+def routing_texts(tokenizer) -> dict[str, list[str]]:
+    """Per task, the first validation problems as the model reads them in training (prompt + reference answer)."""
+    from qmoe.data import chat_prompt
+
+    return {
+        task: [chat_prompt(tokenizer, r["prompt"]) + r["target"] for r in records[:ROUTING_TEXTS]]
+        for task, records in validation_sets().items()
+    }
+
+
+def measure_mixture_run(record: dict, run_dir: Path | None) -> dict:
+    """Multiple-choice test accuracy per commonsense task and routing by task (with the untrained router's, the
+    baseline) of one finished mixture run; ``run_dir`` None measures the base model alone."""
+    from qmoe.chat import load_chat_model
+    from qmoe.compare.mixture import choice_accuracy, task_routing
+    from qmoe.compare.specialisation import untrained_chat
+
+    start = time.process_time()
+    chat = load_chat_model(run_dir, base_source=None if run_dir else "builtin:smollm2-135m-instruct", dequantize="on")
+    record["choices"] = {
+        task: choice_accuracy(chat.model, chat.tokenizer, problems, max_length=MAX_LENGTH)
+        for task, problems in test_sets().items()
+    }
+    if run_dir is not None:
+        texts = routing_texts(chat.tokenizer)
+        routed = task_routing(chat, texts)
+        if routed:
+            record["routing-by-task"] = routed
+            del chat
+            record["routing-by-task-untrained"] = task_routing(untrained_chat(run_dir), texts)
+    record["measure_cpu_seconds"] = time.process_time() - start
+    return record
+
+
+def measure_mixture(labels: list[str], out_dir: Path, with_base: bool) -> None:
+    """measure_mixture_run for every validated mixture run lacking it, and the base model once (``with_base``)."""
+    base = record_path("mixture", "base")
+    if with_base and not base.is_file():
+        print("[mixture] base model: multiple-choice test accuracy", flush=True)
+        atomic_write_json(base, measure_mixture_run({"label": "base"}, None))
+    for label in labels:
+        path = record_path("mixture", label)
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        run_dir = out_dir / "mixture" / label
+        if "choices" in record or not _finished(run_dir):
+            continue
+        print(f"[mixture] {label}: multiple-choice test accuracy and routing by task", flush=True)
+        atomic_write_json(path, measure_mixture_run(record, run_dir))
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -415,12 +481,145 @@ def curve_figure(points: dict[str, dict[int, dict]], rates: dict[str, str]) -> P
     return _save_nll_figure(fig, ax, "training problems seen (one epoch, batch 4)", title, "round2-learning-curve")
 
 
+def report_mixture() -> str | None:
+    """Per-task validation NLL, multiple-choice test accuracy and routing by task of the mixture's runs, each
+    method against LoRA trained on the same mixture (paired: NLL intervals, exact sign tests on accuracy)."""
+    from qmoe.compare.mixture import task_specialisation
+    from qmoe.compare.statistics import paired_nll_difference, sign_test_p, wilson_interval
+
+    labels = [f"{m}@mixture" for m in METHODS]
+    records = load_records("mixture", labels)
+    if not any("validation" in r for r in records.values()):
+        return None
+    lora = records.get("lora@mixture", {})
+    tasks = ("gsm8k", *MIXTURE_TASKS)
+
+    def nll_of(record: dict, task: str) -> dict | None:
+        return record.get("validation" if task == "gsm8k" else f"validation-{task}")
+
+    lines = ["| method (lr) | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for label, record in records.items():
+        cells = []
+        for task in tasks:
+            mine, ref = nll_of(record, task), nll_of(lora, task)
+            if mine is None:
+                cells.append("—")
+                continue
+            diff = None if label == "lora@mixture" or ref is None else paired_nll_difference(mine, ref)
+            cells.append(f"{mine['nll']:.4f}" + ("" if diff is None else f" ({diff[0]:+.4f} ±{diff[1]:.4f})"))
+        lines.append(f"| {group_of(label)} ({_rate(record)}) | " + " | ".join(cells) + " |")
+    nll_table = "\n".join(lines)
+
+    base = load_records("mixture", ["base"]).get("base", {})
+    rows = [("base model, no adapter", base)] + [(group_of(label), r) for label, r in records.items()]
+    lines = ["| method | " + " | ".join(MIXTURE_TASKS) + " |", "|---|" + "---|" * len(MIXTURE_TASKS)]
+    for name, record in rows:
+        if "choices" not in record:
+            continue
+        cells = []
+        for task in MIXTURE_TASKS:
+            mine = record["choices"][task]
+            low, high = wilson_interval(mine["correct"], mine["n"])
+            cell = f"{100 * mine['accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+            ref = lora.get("choices", {}).get(task)
+            if ref is not None and record is not lora:
+                pairs = list(zip(mine["per_example"], ref["per_example"], strict=True))
+                wins, losses = sum(a > b for a, b in pairs), sum(a < b for a, b in pairs)
+                cell += f" (vs LoRA {100 * (wins - losses) / len(pairs):+.1f} pts, p={sign_test_p(wins, losses):.2f})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    choice_table = "\n".join(lines)
+
+    routed = {group_of(label): r for label, r in records.items() if "routing-by-task" in r}
+    lines = ["| method | experts | " + " | ".join(f"{t} (untrained)" for t in tasks) + " | mean (untrained) |"]
+    lines.append("|---|---|" + "---|" * (len(tasks) + 1))
+    for name, record in routed.items():
+        trained = task_specialisation(record["routing-by-task"])
+        untrained = task_specialisation(record["routing-by-task-untrained"])
+        experts = len(next(iter(record["routing-by-task"].values()))[0])
+        cells = [f"{trained['task_vs_all_tv'][t]:.3f} ({untrained['task_vs_all_tv'][t]:.3f})" for t in tasks]
+        lines.append(
+            f"| {name} | {experts} | " + " | ".join(cells) + f" | {trained['mean']:.3f} ({untrained['mean']:.3f}) |"
+        )
+    routing_table = "\n".join(lines)
+    if routed:
+        mixture_routing_figure(routed)
+    missing = [label for label in labels if "choices" not in records.get(label, {})]
+    text = (
+        f"Trained on {MIXTURE_PER_TASK} problems each of GSM8K, {', '.join(MIXTURE_TASKS)} interleaved "
+        f"({MIXTURE_PER_TASK * (1 + len(MIXTURE_TASKS)) // BATCH} steps of {BATCH}), each method at its sweep-selected "
+        "learning rate.\n\n"
+        f"Validation answer NLL per task (GSM8K: last {VAL_LAST} of its training file; the others: last "
+        f"{MIXTURE_VAL_PER_TASK} of theirs), in brackets the paired difference from LoRA with its 95% interval:\n\n"
+        f"{nll_table}\n\n"
+        f"Multiple-choice test accuracy (first {MIXTURE_TEST_PER_TASK} problems of each test set; the likeliest "
+        "allowed answer; Wilson 95% intervals; against LoRA: net points over the same problems and the exact "
+        f"sign test's p):\n\n{choice_table}\n\n"
+        f"Routing by task (down_proj of every layer, top-1 expert of each token of {ROUTING_TEXTS} validation "
+        "problems per task, prompt and answer): each task's total-variation distance from the all-task load, "
+        "averaged over layers, with the same adapter's router before training in brackets (0 = the task's tokens "
+        f"go where every task's go; 1 - 1/{len(tasks)} = experts of its own; LoRACoE's experts are its ranks):"
+        f"\n\n{routing_table}\n" + (f"\nStill to measure: {', '.join(missing)}.\n" if missing else "")
+    )
+    atomic_write_text(RECORDS / "mixture.md", text)
+    return text
+
+
+def _rate(record: dict) -> str:
+    """The learning rate a run was trained at, from its overrides (LoRACoE: its warm-up stage's)."""
+    for override in record.get("overrides", []):
+        if override.startswith("train.lr="):
+            return override.split("=", 1)[1]
+        if override.startswith("train.stages="):
+            return override.split("lr: ", 1)[1].split("}", 1)[0]
+    return "?"
+
+
+def mixture_routing_figure(routed: dict[str, dict]) -> Path:
+    """One heat map per routed method: share of each task's tokens whose top-1 expert is e, averaged over layers,
+    trained router above, the same adapter's untrained router below."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from qmoe.compare.plots import save_figure
+
+    fig, axes = plt.subplots(2, len(routed), figsize=(3.4 * len(routed), 5.2), squeeze=False)
+    for column, (name, record) in enumerate(routed.items()):
+        for row, key in enumerate(("routing-by-task", "routing-by-task-untrained")):
+            shares = record[key]
+            tasks = list(shares)
+            matrix = np.array([np.mean(shares[t], axis=0) for t in tasks])
+            ax = axes[row][column]
+            ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.5, float(matrix.max())))
+            ax.set_yticks(range(len(tasks)), tasks if column == 0 else [""] * len(tasks), fontsize=8)
+            ax.set_xlabel("expert" if name != "loracoe" else "rank", fontsize=8)
+            ax.set_title(f"{name}{'' if row == 0 else ' (untrained)'}", fontsize=9)
+    fig.suptitle("Top-1 expert share per task, mixture runs (averaged over layers)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, FIGURES / "round2-mixture-routing.png")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=("sweep", "curve", "mixture", "report"), default="sweep")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "round2")
     parser.add_argument("--validate-only", action="store_true", help="only the validation NLL of finished runs")
+    parser.add_argument(
+        "--methods",
+        type=lambda text: text.split(","),
+        default=list(METHODS),
+        help=f"comma-separated subset of {', '.join(METHODS)} (to split a stage between processes)",
+    )
+    parser.add_argument(
+        "--problems",
+        type=int,
+        choices=CURVE_PROBLEMS,
+        help="curve stage: only this training-set size (the default runs every size)",
+    )
     args = parser.parse_args()
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; valid: {', '.join(METHODS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.stage in ("sweep", "report"):
         runs = sweep_runs()
@@ -431,17 +630,23 @@ def main() -> int:
         print(report_sweep() or "no validated sweep run yet")
         if args.stage == "report":
             print(report_curve() or "no validated curve run yet")
+            print(report_mixture() or "no measured mixture run yet")
         return 0
     if args.stage == "curve":
-        runs = curve_runs()
+        runs = [r for r in curve_runs() if args.problems is None or r[0].endswith(f"@n{args.problems}")]
         tasks: tuple[str, ...] = ("gsm8k",)
     else:
         runs, tasks = mixture_runs(args.out_dir), ("gsm8k", *MIXTURE_TASKS)
+    runs = [r for r in runs if group_of(r[0]) in args.methods]
     if not args.validate_only:
         train_stage(args.stage, runs, args.out_dir)
     validate_stage(args.stage, [label for label, _, _ in runs], args.out_dir, tasks)
     if args.stage == "curve":
         print(report_curve() or "no validated curve run yet")
+    else:
+        # the base model's accuracy is measured with LoRA's runs, the reference every method is compared with
+        measure_mixture([label for label, _, _ in runs], args.out_dir, with_base="lora" in args.methods)
+        print(report_mixture() or "no measured mixture run yet")
     return 0
 
 

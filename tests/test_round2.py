@@ -80,3 +80,43 @@ def test_a_best_rate_on_the_grids_edge_adds_the_rate_beyond_it(no_records):
         "lora@n2000",
         "moelora@n2000",
     ]
+
+
+def mixture_record(records, label, nll, correct, routed):
+    tasks = ("gsm8k", *round2.MIXTURE_TASKS)
+    record = {"label": label, "overrides": ["train.lr=1e-3"]}
+    for task in tasks:
+        record["validation" if task == "gsm8k" else f"validation-{task}"] = {
+            "nll": nll,
+            "tokens": 4,
+            "per_example": [[nll + d, 1] for d in (-0.1, 0.0, 0.0, 0.1)],
+        }
+    record["choices"] = {
+        t: {"accuracy": sum(correct) / len(correct), "correct": sum(correct), "n": len(correct), "per_example": correct}
+        for t in round2.MIXTURE_TASKS
+    }
+    if routed:
+        own = {t: [[1.0, 0.0]] if t == "gsm8k" else [[0.0, 1.0]] for t in tasks}  # GSM8K alone on expert 0
+        record["routing-by-task"] = own
+        record["routing-by-task-untrained"] = {t: [[0.5, 0.5]] for t in tasks}
+    path = records / "mixture" / f"{label}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def test_the_mixture_report_compares_every_method_with_lora_on_every_task(no_records, tmp_path, monkeypatch):
+    monkeypatch.setattr(round2, "FIGURES", tmp_path / "figures")
+    assert round2.report_mixture() is None  # nothing measured yet
+    mixture_record(no_records, "lora@mixture", 1.0, [1, 1, 0, 0], routed=False)
+    mixture_record(no_records, "moelora@mixture", 1.2, [1, 1, 1, 1], routed=True)
+    text = round2.report_mixture()
+    assert "| lora (1e-3) | 1.0000 | 1.0000 |" in text
+    assert "| moelora (1e-3) | 1.2000 (+0.2000 ±0.0000)" in text  # paired: same problems, same shift
+    # accuracy: 4/4 against LoRA's 2/4 -> +50 points over the same problems, 2 wins 0 losses (p = 0.5)
+    assert "100.0% [51.0, 100.0] (vs LoRA +50.0 pts, p=0.50)" in text
+    # GSM8K's tokens on expert 0, the others on expert 1: the equal-weight mean load is (1/4, 3/4), so GSM8K sits
+    # 0.75 from it and each other task 0.25; the untrained router sends every task evenly (0 apart)
+    assert "| moelora | 2 | 0.750 (0.000) | 0.250 (0.000) |" in text and "| 0.375 (0.000) |" in text
+    assert "Still to measure: loramoe@mixture" in text
+    assert (tmp_path / "figures" / "round2-mixture-routing.png").is_file()
+    assert (no_records / "mixture.md").read_text() == text
