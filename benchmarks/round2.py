@@ -5,6 +5,7 @@ training file, never trained on); test sets are touched once, at the end, by the
     python benchmarks/round2.py --stage sweep      # 5 methods x 3 learning rates, 50 steps each; selection
     python benchmarks/round2.py --stage curve      # each method at its best rate on 800 (and 2,000) problems
     python benchmarks/round2.py --stage mixture    # GSM8K + ARC-Easy + BoolQ + OpenBookQA, best rates
+    python benchmarks/round2.py --stage test       # GSM8K test answer NLL of the selected runs, once
     python benchmarks/round2.py --stage report     # tables and figures from whatever is finished
     python benchmarks/round2.py --validate-only    # validation NLL of finished runs (a second process)
 
@@ -34,12 +35,14 @@ from qmoe.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 SHARED = Path(os.environ.get("QMOE_SHARED", ROOT.parent / "shared"))
 GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
+GSM8K_TEST = SHARED / "data" / "gsm8k" / "test.jsonl"
 RECORDS = ROOT / "benchmarks" / "results" / "round2"
 FIGURES = ROOT / "docs" / "figures"
 BATCH = 4
 SWEEP_PROBLEMS = 200  # 50 steps of 4: round one's budget (RESULTS.md)
 CURVE_PROBLEMS = (800, 2000)  # one epoch each; the 200-problem point is the sweep's selected run
 VAL_LAST = 500  # validation: the last 500 problems of GSM8K train (the runs train on the first ones)
+TEST_PROBLEMS = 500  # the selected runs' test: the first 500 problems of GSM8K test, touched once
 MAX_LENGTH = 256
 LEARNING_RATES = ("1e-4", "3e-4", "1e-3")
 # one more rate beyond the grid's edge for a method whose best validated rate sits on that edge (once)
@@ -327,6 +330,40 @@ def measure_mixture(labels: list[str], out_dir: Path, with_base: bool) -> None:
         atomic_write_json(path, measure_mixture_run(record, run_dir))
 
 
+def selected_runs() -> list[tuple[str, str]]:
+    """(stage, label) of every selected configuration: each method's sweep-selected run (200 problems) and its
+    learning-curve runs (the same rate, more problems)."""
+    rates = best_rates()
+    return [("sweep", f"{m}@lr{lr}") for m, lr in rates.items()] + [
+        ("curve", f"{m}@n{n}") for n in CURVE_PROBLEMS for m in rates
+    ]
+
+
+def test_stage(methods: list[str], out_dir: Path) -> None:
+    """GSM8K test answer NLL of every selected, validated run of ``methods`` that lacks it (cached per run dir)."""
+    from qmoe.compare.selection import TEST_FILE
+    from qmoe.data import load_gsm8k
+
+    problems = None
+    for stage, label in selected_runs():
+        path = record_path(stage, label)
+        if group_of(label) not in methods or not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        if "test" in record or "validation" not in record:
+            continue
+        run_dir = out_dir / stage / label
+        if not _finished(run_dir):
+            print(f"[test] {label}: its run directory is gone; re-run --stage {stage} to retrain it", flush=True)
+            continue
+        problems = problems or load_gsm8k("test", path=str(GSM8K_TEST), limit=TEST_PROBLEMS)
+        print(f"[test] {label}: GSM8K test answer NLL ({len(problems)} problems)", flush=True)
+        start = time.process_time()
+        result = validation_nll(run_dir, problems, max_length=MAX_LENGTH, cache_file=TEST_FILE)
+        record["test"] = {k: v for k, v in result.items() if k != "key"} | {"cpu_seconds": time.process_time() - start}
+        atomic_write_json(path, record)
+
+
 # ------------------------------------------------------------------------------------------- report
 
 
@@ -481,6 +518,40 @@ def curve_figure(points: dict[str, dict[int, dict]], rates: dict[str, str]) -> P
     return _save_nll_figure(fig, ax, "training problems seen (one epoch, batch 4)", title, "round2-learning-curve")
 
 
+def report_test() -> str | None:
+    """The selected runs on the test problems, each against LoRA at the same budget (paired), beside what the
+    validation split said: does the selection hold on data it never saw?"""
+    from qmoe.compare.statistics import nll_halfwidth, paired_nll_difference
+
+    by_budget: dict[int, dict[str, dict]] = {}
+    for stage, label in selected_runs():
+        record = load_records(stage, [label]).get(label, {})
+        if "test" in record:
+            n = SWEEP_PROBLEMS if stage == "sweep" else int(label.rsplit("@n", 1)[1])
+            by_budget.setdefault(n, {})[group_of(label)] = record
+    if not by_budget:
+        return None
+    lines = [
+        "| training problems | method | test NLL | Δ vs LoRA on test (95% CI) | Δ vs LoRA on validation (95% CI) |",
+        "|---|---|---|---|---|",
+    ]
+    for n in sorted(by_budget):
+        lora = by_budget[n].get("lora")
+        for method in (m for m in METHODS if m in by_budget[n]):
+            record = by_budget[n][method]
+            cells = [f"{record['test']['nll']:.4f} ±{nll_halfwidth(record['test']):.4f}"]
+            for split in ("test", "validation"):
+                diff = None if method == "lora" or lora is None else paired_nll_difference(record[split], lora[split])
+                cells.append("—" if diff is None else f"{diff[0]:+.4f} (±{diff[1]:.4f})")
+            lines.append(f"| {n} | {method} | " + " | ".join(cells) + " |")
+    text = (
+        f"GSM8K test answer NLL (first {TEST_PROBLEMS} problems of the official test split) of each method's "
+        "selected runs, measured once after selection; ± is a 95% interval over problems.\n\n" + "\n".join(lines) + "\n"
+    )
+    atomic_write_text(RECORDS / "test.md", text)
+    return text
+
+
 def report_mixture() -> str | None:
     """Per-task validation NLL, multiple-choice test accuracy and routing by task of the mixture's runs, each
     method against LoRA trained on the same mixture (paired: NLL intervals, exact sign tests on accuracy)."""
@@ -601,7 +672,7 @@ def mixture_routing_figure(routed: dict[str, dict]) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=("sweep", "curve", "mixture", "report"), default="sweep")
+    parser.add_argument("--stage", choices=("sweep", "curve", "mixture", "test", "report"), default="sweep")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "round2")
     parser.add_argument("--validate-only", action="store_true", help="only the validation NLL of finished runs")
     parser.add_argument(
@@ -631,6 +702,11 @@ def main() -> int:
         if args.stage == "report":
             print(report_curve() or "no validated curve run yet")
             print(report_mixture() or "no measured mixture run yet")
+            print(report_test() or "no selected run tested yet")
+        return 0
+    if args.stage == "test":
+        test_stage(args.methods, args.out_dir)
+        print(report_test() or "no selected run tested yet")
         return 0
     if args.stage == "curve":
         runs = [r for r in curve_runs() if args.problems is None or r[0].endswith(f"@n{args.problems}")]

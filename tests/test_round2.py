@@ -120,3 +120,19 @@ def test_the_mixture_report_compares_every_method_with_lora_on_every_task(no_rec
     assert "Still to measure: loramoe@mixture" in text
     assert (tmp_path / "figures" / "round2-mixture-routing.png").is_file()
     assert (no_records / "mixture.md").read_text() == text
+
+
+def test_the_test_report_puts_each_selected_run_beside_what_validation_said(no_records):
+    for method, shift in (("lora", 0.0), ("moelora", 0.1)):
+        for lr, nll in (("1e-4", 1.3), ("3e-4", 1.2), ("1e-3", 1.1), ("3e-3", 1.15)):
+            validated(no_records, f"{method}@lr{lr}", nll + shift)
+    assert round2.report_test() is None  # validated, not tested yet
+    for method, shift in (("lora", 0.0), ("moelora", 0.05)):
+        path = no_records / "sweep" / f"{method}@lr1e-3.json"
+        record = json.loads(path.read_text())
+        record["test"] = {"nll": 1.2 + shift, "tokens": 2, "per_example": [[1.2 + shift, 1], [1.2 + shift, 1]]}
+        path.write_text(json.dumps(record))
+    text = round2.report_test()
+    assert "| 200 | lora | 1.2000 ±0.0000 | — | — |" in text
+    assert "| 200 | moelora | 1.2500 ±0.0000 | +0.0500 (±0.0000) | +0.1000 (±0.0000) |" in text
+    assert (no_records / "test.md").read_text() == text

@@ -17,6 +17,7 @@ from ..io import atomic_write_json
 from .statistics import paired_nll_difference
 
 VALIDATION_FILE = "validation-nll.json"  # in each run directory: answer_nll on the validation problems
+TEST_FILE = "test-nll.json"  # and on the test problems, measured once the run has been selected
 
 
 def group_of(label: str) -> str:
@@ -42,15 +43,18 @@ def validation_records(train_file: str | Path, last: int, trained_on: int) -> li
     return records[-last:]
 
 
-def validation_nll(run_dir: Path, records: list[dict], max_length: int = 512, dequantize: str = "on") -> dict:
-    """answer_nll of the run's adapter on ``records``, cached in the run directory (recomputed when the cached
-    one was measured on other problems). ``dequantize`` as ``qmoe eval --dequantize``: 'on' by default, since
-    teacher forcing is all prefill, which runs faster on a dequantised copy on CPU (same numerics up to float
-    rounding, tests/test_inference.py); on a GPU the copy is never made."""
+def validation_nll(
+    run_dir: Path, records: list[dict], max_length: int = 512, dequantize: str = "on", cache_file: str = VALIDATION_FILE
+) -> dict:
+    """answer_nll of the run's adapter on ``records``, cached in the run directory as ``cache_file`` (recomputed
+    when the cached one was measured on other problems; TEST_FILE for the test problems). ``dequantize`` as
+    ``qmoe eval --dequantize``: 'on' by default, since teacher forcing is all prefill, which runs faster on a
+    dequantised copy on CPU (same numerics up to float rounding, tests/test_inference.py); on a GPU the copy is
+    never made."""
     from ..chat import load_chat_model
     from .heldout import answer_nll
 
-    cache = Path(run_dir) / VALIDATION_FILE
+    cache = Path(run_dir) / cache_file
     key = {"problems": len(records), "first": records[0]["prompt"][:80], "max_length": max_length}
     key["dequantize"] = dequantize
     if cache.is_file():
