@@ -150,3 +150,61 @@ def test_pair_with_an_unknown_label_is_a_clear_error():
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "no run labelled 'nope'; runs: quickstart" in proc.stderr + proc.stdout
+
+
+def compare_command(tmp_path, *args):
+    return [sys.executable, "-m", "qmoe.cli", "compare", "--out-dir", str(tmp_path / "runs"), *args]
+
+
+def select_setup(tmp_path):
+    model_dir = build_tiny_chat_model(tmp_path / "model")
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", arithmetic_items(24))
+    write_jsonl(data / "test.jsonl", arithmetic_items(4, start=100))
+    recipe = tiny_recipe(model_dir, data, tmp_path / "unused", method="lora")
+    recipe["train"]["max_steps"] = 2
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path, {**os.environ, "QMOE_DATA_DIR": str(data)}
+
+
+@pytest.mark.slow
+def test_select_by_validation_evaluates_only_each_groups_best(tmp_path):
+    recipe, env = select_setup(tmp_path)
+    results = tmp_path / "RESULTS.md"
+    runs = [("lora@lr1e-2", "train.lr=1e-2"), ("lora@lr1e-5", "train.lr=1e-5"), ("other", "train.lr=1e-3")]
+    cmd = compare_command(tmp_path, "--select-by", "val_nll", "--val-last", "8", "--set", "data.limit=16")
+    for label, override in runs:
+        cmd += ["--run", label, str(recipe), override]
+    cmd += ["--eval-limit", "2", "--max-new-tokens", "4", "--results", str(results), "--figures", ""]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    selection = (tmp_path / "runs" / "selection.md").read_text()
+    rows = {line.split(" | ")[0][2:]: line for line in selection.splitlines() if line.startswith("| ") and "@" in line}
+    assert set(rows) == {"lora@lr1e-2", "lora@lr1e-5"}
+    chosen = next(label for label, line in rows.items() if "**yes**" in line)
+    other = next(label for label in rows if label != chosen)
+    # 2 steps at 1e-5 barely move the adapter; 1e-2 does: validation tells them apart, paired
+    nll = {label: float(line.split(" | ")[1]) for label, line in rows.items()}
+    assert nll[chosen] < nll[other] and "(±" in rows[other]
+    assert (tmp_path / "runs" / chosen / "validation-nll.json").is_file()
+    # the test set is touched by the selected runs only
+    assert (tmp_path / "runs" / chosen / "eval-gsm8k.json").is_file()
+    assert not (tmp_path / "runs" / other / "eval-gsm8k.json").exists()
+    text = results.read_text()
+    assert "Selected by validation answer NLL on the last 8 records" in text
+    assert f"| lora ({chosen}) |" in text and f"| lora ({other}) |" not in text and "| lora (other) |" in text
+
+
+def test_select_by_validation_refuses_runs_that_train_on_the_validation_split(tmp_path):
+    recipe, env = select_setup(tmp_path)
+    base = compare_command(tmp_path, "--select-by", "val_nll", "--val-last", "8", "--run", "a@1", str(recipe))
+    proc = subprocess.run([*base, "data.limit=20"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "reaches into its last 8 (the validation split); set data.limit to at most 16" in proc.stderr
+    differing = [*base, "data.limit=8", "--run", "a@2", str(recipe), "data.limit=8", "data.max_length=48"]
+    proc = subprocess.run(differing, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "runs 'a@1' and 'a@2' differ in data.max_length (64 vs 48)" in proc.stderr
+    assert not (tmp_path / "runs" / "a@1").exists()  # refused before any training

@@ -57,13 +57,33 @@ def test_the_table_gives_each_variant_its_difference_from_the_groups_best():
 def test_validation_is_the_end_of_the_training_file_and_never_trained_on(tmp_path):
     path = gsm8k_file(tmp_path, 30)
     records = validation_records(path, 10, trained_on=20)
-    assert [r["gold"] for r in records] == [str(i + 1) for i in range(20, 30)]
-    with pytest.raises(UsageError, match="train on the first 21 problems .* lower data.limit to at most 20"):
+    assert [r["prompt"] for r in records] == [f"What is {i} + 1?" for i in range(20, 30)]
+    assert records[0]["target"].endswith("#### 21") and records[0]["system"] is None
+    with pytest.raises(UsageError, match="train on the first 21 records of .* set data.limit to at most 20"):
         validation_records(path, 10, trained_on=21)
     with pytest.raises(UsageError, match=r"last=30 must be in \[1, 29\]"):
         validation_records(path, 30, trained_on=0)
     with pytest.raises(UsageError, match="is not a file"):
         validation_records(tmp_path / "missing.jsonl", 10, trained_on=0)
+
+
+def test_the_validation_split_of_any_single_turn_source_is_rendered_as_training_renders_it(tmp_path):
+    from qmoe.compare.selection import validation_split
+    from qmoe.recipe import DataSection
+
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps([{"instruction": f"say {i}", "input": "", "output": f"{i}"} for i in range(8)]))
+    data = DataSection(source=str(path), limit=5, prompt_template="Q: {prompt}", system_prompt="Be brief.")
+    records = validation_split(data, 3)
+    assert records == [{"prompt": f"Q: say {i}", "target": str(i), "system": "Be brief."} for i in (5, 6, 7)]
+    with pytest.raises(UsageError, match="train on the all 8 records .* set data.limit to at most 5"):
+        validation_split(DataSection(source=str(path)), 3)  # no limit: every record is trained on
+    chats = tmp_path / "chats.jsonl"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    chats.write_text("".join(json.dumps({"messages": turns * (1 + (i == 1))}) + "\n" for i in range(4)))
+    assert len(validation_split(DataSection(source=str(chats), limit=1), 2)) == 2
+    with pytest.raises(UsageError, match="record 2 is a 4-turn conversation; .* single-turn records"):
+        validation_split(DataSection(source=str(chats), limit=1), 3)
 
 
 def test_validation_nll_of_an_adapter_is_cached_per_problem_set(tmp_path):

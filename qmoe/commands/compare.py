@@ -49,6 +49,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-limit", type=int, help="first N examples of each test set")
     parser.add_argument("--eval-batch-size", type=int, help="prompts generated together")
     parser.add_argument("--max-new-tokens", type=int, help="longest generated answer")
+    parser.add_argument(
+        "--select-by",
+        choices=("val_nll",),
+        help="choose among runs labelled GROUP@VARIANT (e.g. lora@lr1e-3, lora@lr3e-4) before testing: each "
+        "group's run with the lowest answer NLL on a validation split (--val-last) is evaluated, the others are not",
+    )
+    parser.add_argument(
+        "--val-last",
+        type=int,
+        default=500,
+        metavar="N",
+        help="--select-by: the validation split is the last N records of the training data (default 500); "
+        "data.limit must stop before them",
+    )
     parser.add_argument("--out-dir", default="runs/compare", help="where the runs go (default: runs/compare)")
     parser.add_argument("--results", default="RESULTS.md", help="results file (its generated block is replaced)")
     parser.add_argument("--figures", default="docs/figures", help="expert-specialisation figures folder ('' = none)")
@@ -60,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.eval_limit is not None and args.eval_limit < 1:
         raise UsageError("--eval-limit must be >= 1")
+    if args.val_last < 1:
+        raise UsageError(f"--val-last must be >= 1, got {args.val_last}")
     runs = [
         (label, recipe, [])
         for label, recipe in zip(args.labels or [Path(r).stem for r in args.recipes], args.recipes, strict=False)
@@ -92,4 +108,5 @@ def run(args: argparse.Namespace) -> int:
         eval_args,
         command,
         pairs=[tuple(pair) for pair in args.pairs],
+        select_last=args.val_last if args.select_by else None,
     )

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..attach import clear_aux
-from ..data import PadCollator, tokenize_records
+from ..data import DataError, PadCollator, tokenize_example
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -27,8 +27,16 @@ def answer_nll(
     max_length: int = 512,
     batch_size: int = 8,
 ) -> dict:
-    """``{"nll": token-weighted mean, "tokens": N, "per_example": [[nll sum, tokens], ...]}`` over ``records``."""
-    examples = tokenize_records(tokenizer, records, max_length)
+    """``{"nll": token-weighted mean, "tokens": N, "per_example": [[nll sum, tokens], ...]}`` over ``records``
+    (``{"prompt", "target"}``, and ``"system"`` where training had a system prompt), in their order: every record
+    is scored, so two runs' results pair problem by problem."""
+    examples = [tokenize_example(tokenizer, r, max_length, r.get("system")) for r in records]
+    unscorable = [i for i, e in enumerate(examples) if e is None]
+    if unscorable:
+        raise DataError(
+            f"answer NLL: {len(unscorable)} of {len(records)} prompts (e.g. number {unscorable[0] + 1}) leave no "
+            f"answer token within max_length={max_length}; raise it"
+        )
     collate = PadCollator(tokenizer.pad_token_id)  # load_base_model gives every tokenizer a pad token
     device = next(model.parameters()).device
     was_training = model.training

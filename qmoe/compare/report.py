@@ -82,8 +82,9 @@ def render_results(
     results_file: Path,
     specialisation: dict[str, dict] | None = None,
     pairs: Sequence[tuple[str, str]] = (),
+    selection: str | None = None,
 ) -> str:
-    """The generated block of RESULTS.md (without its markers)."""
+    """The generated block of RESULTS.md (without its markers); ``selection``: the --select-by section."""
     slugs = [task_slug(t) for t in tasks]
     head = [
         "method (run)",
@@ -128,6 +129,7 @@ def render_results(
         + (f" (limit {limit})" if limit else "")
         + ".",
         "",
+        *([selection, ""] if selection else []),
         *lines,
         "",
         "Train time is the wall time of `qmoe finetune` (model loading included); peak memory is the training "

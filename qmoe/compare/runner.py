@@ -29,6 +29,7 @@ BASE_DIR = "base"  # the base model's row: its evaluations and held-out loss
 LOGS_DIR = "logs"  # the subprocesses' output, one log per training / evaluation
 RESULTS_JSON = "results.json"  # every row, as RunResult.as_record
 SPECIALISATION_JSON = "specialisation.json"  # specialisation.summarise per MoELoRA run
+SELECTION_MD = "selection.md"  # --select-by val_nll: every run's validation NLL and each group's selected run
 
 
 def _run(cmd: list[str], log: Path) -> tuple[int, float]:
@@ -120,10 +121,13 @@ def run_compare(
     eval_args: list[str],
     command: str,
     pairs: Sequence[tuple[str, str]] = (),
+    select_last: int | None = None,
 ) -> int:
     """``runs``: (label, recipe path, run-specific overrides); ``overrides`` apply to every run; ``pairs``:
-    extra (run, reference) label pairs for the paired table, beyond every run against the first. Exit status:
-    0 when every run trained, else 1."""
+    extra (run, reference) label pairs for the paired table, beyond every run against the first.
+    ``select_last``: choose by validation before any test set is touched: the last ``select_last`` records of
+    the runs' (shared) training source are scored by answer NLL, and of runs labelled ``GROUP@VARIANT`` only each
+    group's best goes on to evaluation (``selection.py``). Exit status: 0 when every run trained, else 1."""
     from ..recipe import load_recipe
 
     labels = [label for label, _, _ in runs]
@@ -133,13 +137,24 @@ def run_compare(
         unknown = [label for label in pair if label not in labels]
         if unknown:
             raise UsageError(f"--pair {' '.join(pair)}: no run labelled {unknown[0]!r}; runs: {', '.join(labels)}")
-    for _, recipe, own in runs:  # fail fast, before hours of training, on any bad recipe or override
-        load_recipe(recipe, [*overrides, *own])
+    # fail fast, before hours of training, on any bad recipe or override (and an impossible validation split)
+    recipes = {label: load_recipe(recipe, [*overrides, *own]) for label, recipe, own in runs}
+    validation = shared_validation_split(recipes, select_last) if select_last else None
     out_dir.mkdir(parents=True, exist_ok=True)
 
     results = [train(label, recipe, [*overrides, *own], out_dir) for label, recipe, own in runs]
     base = RunResult(label="base model", recipe="-", run_dir=out_dir / BASE_DIR)
     finished = [r for r in results if r.error is None]
+    selection = None
+    if validation is not None and finished:
+        records, max_length = validation
+        finished, selection = select_by_validation(finished, records, max_length, select_last, out_dir)
+        chosen = {r.label for r in finished}
+        dropped = [pair for pair in pairs if not set(pair) <= chosen]
+        if dropped:
+            print(f"--pair {', '.join(' '.join(p) for p in dropped)}: not both selected, left out", flush=True)
+        pairs = [pair for pair in pairs if set(pair) <= chosen]
+        results = [r for r in results if r.label in chosen or r.error]
     logs = out_dir / LOGS_DIR
     for task in tasks:
         slug = task_slug(task)
@@ -173,10 +188,55 @@ def run_compare(
         figures, specialisation = write_figures(base, finished, [task_slug(t) for t in tasks], figures_dir)
         atomic_write_json(out_dir / SPECIALISATION_JSON, specialisation)
     atomic_write_json(out_dir / RESULTS_JSON, [r.as_record() for r in [base, *results]])
-    table = render_results([base, *results], tasks, limit, command, figures, results_file, specialisation, pairs)
+    table = render_results(
+        [base, *results], tasks, limit, command, figures, results_file, specialisation, pairs, selection
+    )
     atomic_write_text(results_file, merge_into(results_file, table))
     print(f"wrote {results_file}")
     return 0 if all(r.error is None for r in results) else 1
+
+
+def shared_validation_split(recipes: dict, last: int) -> tuple[list[dict], int]:
+    """(validation records, max_length) for ``--select-by val_nll``: every run must read the same training data
+    (the same problems, rendered the same way) so that their validation NLLs pair problem by problem; only
+    ``data.limit`` may differ, and none may reach into the last ``last`` records."""
+    from .selection import validation_split
+
+    sections = {label: r.data.model_dump(exclude={"limit"}) for label, r in recipes.items()}
+    first_label, first = next(iter(sections.items()))
+    for label, section in sections.items():
+        differing = sorted(k for k in first if section[k] != first[k])
+        if differing:
+            raise UsageError(
+                f"--select-by val_nll: runs {first_label!r} and {label!r} differ in data.{differing[0]} "
+                f"({first[differing[0]]!r} vs {section[differing[0]]!r}); validation compares runs trained on the "
+                "same data (only data.limit may differ)"
+            )
+    widest = max(recipes.values(), key=lambda r: r.data.limit or float("inf"))
+    return validation_split(widest.data, last), widest.data.max_length
+
+
+def select_by_validation(
+    finished: list[RunResult], records: list[dict], max_length: int, last: int, out_dir: Path
+) -> tuple[list[RunResult], str]:
+    """(the selected runs, the selection section): each finished run's validation NLL (cached in its run
+    directory), the best per ``GROUP@VARIANT`` group, and the table of every variant against its group's best."""
+    from .selection import select_best, selection_table, validation_nll
+
+    nll = {}
+    for r in finished:
+        print(f"validation answer loss: {r.label}", flush=True)
+        nll[r.label] = validation_nll(r.run_dir, records, max_length=max_length, dequantize="auto")
+    chosen = set(select_best(nll).values())
+    section = (
+        f"Selected by validation answer NLL on the last {last} records of the training data ({len(records)} scored; "
+        "no run trains on them), before any test set was touched: of runs labelled GROUP@VARIANT only each "
+        "group's best is evaluated below; Δ is each variant's paired difference from its group's best with a 95% "
+        f"interval.\n\n{selection_table(nll)}"
+    )
+    atomic_write_text(out_dir / SELECTION_MD, section)
+    print(section, flush=True)
+    return [r for r in finished if r.label in chosen], section
 
 
 def heldout_losses(rows: list[RunResult], finished: list[RunResult], limit: int | None) -> None:

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from ..io import atomic_write_json
 from .statistics import paired_nll_difference
+
+if TYPE_CHECKING:
+    from ..recipe import DataSection
 
 VALIDATION_FILE = "validation-nll.json"  # in each run directory: answer_nll on the validation problems
 TEST_FILE = "test-nll.json"  # and on the test problems, measured once the run has been selected
@@ -25,22 +29,47 @@ def group_of(label: str) -> str:
     return label.split("@", 1)[0]
 
 
+def validation_split(data: DataSection, last: int) -> list[dict]:
+    """The last ``last`` records of the training source ``data`` names (any single-turn format qmoe trains on),
+    as ``{"prompt", "target", "system"}`` exactly as training renders them (prompt template, system prompt).
+    Refuses when ``data.limit`` (the runs train on the first ``limit`` records; none = all) reaches into them."""
+    from ..dataprep import _Record, detect_layout, load_source, to_messages
+
+    source = load_source(data.model_copy(update={"limit": None}))
+    total = len(source.dataset)
+    if last < 1 or last >= total:
+        raise UsageError(f"validation: last={last} must be in [1, {total - 1}] for {source.where}")
+    if (data.limit or total) > total - last:
+        trained = f"first {data.limit}" if data.limit else f"all {total}"
+        raise UsageError(
+            f"validation: the runs train on the {trained} records of {source.where}, which reaches into its last "
+            f"{last} (the validation split); set data.limit to at most {total - last}"
+        )
+    layout = source.layout or detect_layout(source.dataset, data, source.where)[0]
+    records = []
+    for index in range(total - last, total):
+        messages = to_messages(_Record(source.where, index, source.dataset[index]), layout, data)
+        if isinstance(messages, str):  # a record training would skip ('empty answer'): not a validation problem
+            continue
+        turns = [m for m in messages if m["role"] != "system"]
+        if [m["role"] for m in turns] != ["user", "assistant"]:
+            raise UsageError(
+                f"validation: {source.where} record {index + 1} is a {len(turns)}-turn conversation; validation by "
+                "answer NLL takes single-turn records (one prompt, one answer)"
+            )
+        system = next((m["content"] for m in messages if m["role"] == "system"), None)
+        records.append({"prompt": turns[0]["content"], "target": turns[1]["content"], "system": system})
+    return records
+
+
 def validation_records(train_file: str | Path, last: int, trained_on: int) -> list[dict]:
-    """The last ``last`` GSM8K problems of ``train_file``; refuses when the runs' ``data.limit`` (``trained_on``
-    first problems) would reach into them."""
-    from ..data import load_gsm8k
+    """The last ``last`` GSM8K problems of ``train_file`` (:func:`validation_split` of a GSM8K-format file);
+    refuses when the runs' first ``trained_on`` problems would reach into them."""
+    from ..recipe import DataSection
 
     if not Path(train_file).is_file():
         raise UsageError(f"validation: {train_file} is not a file")
-    records = load_gsm8k("train", path=str(train_file))
-    if last < 1 or last >= len(records):
-        raise UsageError(f"validation: last={last} must be in [1, {len(records) - 1}] for {train_file}")
-    if trained_on > len(records) - last:
-        raise UsageError(
-            f"validation: the runs train on the first {trained_on} problems of {train_file}, which reaches into its "
-            f"last {last} (the validation split); lower data.limit to at most {len(records) - last}"
-        )
-    return records[-last:]
+    return validation_split(DataSection(source=str(train_file), format="gsm8k", limit=trained_on or None), last)
 
 
 def validation_nll(
