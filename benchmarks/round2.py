@@ -367,6 +367,16 @@ def test_stage(methods: list[str], out_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------- report
 
 
+def cpu_seconds(records) -> float:
+    """CPU seconds the records measured: training, and every validation, test and mixture measurement of them (a
+    run trained by another process than the one that recorded it has no training time: not counted)."""
+    total = 0.0
+    for record in records:
+        total += (record.get("cpu_seconds") or 0) + record.get("measure_cpu_seconds", 0)
+        total += sum(v.get("cpu_seconds", 0) for v in record.values() if isinstance(v, dict))
+    return total
+
+
 def report_sweep() -> str | None:
     labels = [label for label, _, _ in sweep_runs()]
     records = load_records("sweep", labels)
@@ -381,9 +391,7 @@ def report_sweep() -> str | None:
         for label, r in records.items()
         if label in nll
     }
-    total_cpu = sum(
-        (r.get("cpu_seconds") or 0) + r.get("validation", {}).get("cpu_seconds", 0) for r in records.values()
-    )
+    total_cpu = cpu_seconds(records.values())
     table = selection_table(nll, extra)
     missing = [label for label in labels if label not in nll]
     note = f"\n{len(nll)} of {len(labels)} runs validated" + (
@@ -488,10 +496,13 @@ def report_curve() -> str | None:
                     cell += f" (vs LoRA {diff[0]:+.4f} ±{diff[1]:.4f})"
             cells.append(cell)
         lines.append(f"| {method} ({rates[method]}) | " + " | ".join(cells) + " |")
+    curve = load_records("curve", [f"{m}@n{n}" for m in rates for n in CURVE_PROBLEMS])
+    hours = cpu_seconds(curve.values()) / 3600
     text = (
         f"Validation answer NLL (last {VAL_LAST} problems of GSM8K train) after one epoch on the first N problems "
         "(batch 4), each method at its selected learning rate; ± is a 95% interval, and the difference from LoRA "
-        "at the same N is paired.\n\n" + "\n".join(lines) + "\n"
+        f"at the same N is paired. CPU time of the curve runs beyond the sweep: {hours:.1f} h (training and "
+        "validation).\n\n" + "\n".join(lines) + "\n"
     )
     atomic_write_text(RECORDS / "curve.md", text)
     curve_figure(points, rates)
@@ -619,7 +630,8 @@ def report_mixture() -> str | None:
     text = (
         f"Trained on {MIXTURE_PER_TASK} problems each of GSM8K, {', '.join(MIXTURE_TASKS)} interleaved "
         f"({MIXTURE_PER_TASK * (1 + len(MIXTURE_TASKS)) // BATCH} steps of {BATCH}), each method at its sweep-selected "
-        "learning rate.\n\n"
+        f"learning rate. CPU time: {cpu_seconds([*records.values(), base]) / 3600:.1f} h (training, validation, "
+        "test and routing measurements).\n\n"
         f"Validation answer NLL per task (GSM8K: last {VAL_LAST} of its training file; the others: last "
         f"{MIXTURE_VAL_PER_TASK} of theirs), in brackets the paired difference from LoRA with its 95% interval:\n\n"
         f"{nll_table}\n\n"
