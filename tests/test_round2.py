@@ -136,3 +136,20 @@ def test_the_test_report_puts_each_selected_run_beside_what_validation_said(no_r
     assert "| 200 | lora | 1.2000 ±0.0000 | — | — |" in text
     assert "| 200 | moelora | 1.2500 ±0.0000 | +0.0500 (±0.0000) | +0.1000 (±0.0000) |" in text
     assert (no_records / "test.md").read_text() == text
+
+
+def test_the_report_replaces_its_block_in_the_results_file_and_keeps_the_rest(no_records, tmp_path, monkeypatch):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nHand-written verdict.\n")
+    for lr, nll in (("1e-4", 1.3), ("3e-4", 1.2), ("1e-3", 1.1), ("3e-3", 1.15)):
+        validated(no_records, f"lora@lr{lr}", nll)
+    monkeypatch.setattr(round2, "FIGURES", tmp_path / "figures")
+    monkeypatch.setattr(sys, "argv", ["round2.py", "--stage", "report", "--results", str(results)])
+    assert round2.main() == 0
+    monkeypatch.setattr(sys, "argv", ["round2.py", "--stage", "report", "--results", str(results)])
+    assert round2.main() == 0  # again: the block is replaced, not appended twice
+    text = results.read_text()
+    assert text.startswith("# Results\n\nHand-written verdict.\n") and text.count(round2.RESULTS_BEGIN) == 1
+    block = text.split(round2.RESULTS_BEGIN)[1]
+    assert "python benchmarks/round2.py --stage sweep" in block and "#### Learning-rate sweep" in block
+    assert "| lora@lr1e-3 | 1.1000 | — | **yes** |" in block and "#### Task mixture" not in block  # nothing measured

@@ -57,15 +57,16 @@ def eval_file(run_dir: Path, slug: str) -> Path:
     return run_dir / eval_file_name(slug)
 
 
-def merge_into(results_file: Path, table: str) -> str:
-    """The results file with the generated block replaced, keeping any hand-written text around it."""
-    block = f"{BEGIN}\n{table}{END}\n"
+def merge_into(results_file: Path, table: str, begin: str = BEGIN, end: str = END) -> str:
+    """The results file with the generated block (between the ``begin`` and ``end`` markers) replaced, keeping any
+    hand-written text around it; appended when the file has no such block yet."""
+    block = f"{begin}\n{table}{end}\n"
     if not results_file.is_file():
         return "# Results\n\n" + block
     text = results_file.read_text(encoding="utf-8")
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        return head + block + rest.split(END, 1)[1].lstrip("\n")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        return head + block + rest.split(end, 1)[1].lstrip("\n")
     return text.rstrip("\n") + "\n\n" + block
 
 
