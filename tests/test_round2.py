@@ -153,3 +153,4 @@ def test_the_report_replaces_its_block_in_the_results_file_and_keeps_the_rest(no
     block = text.split(round2.RESULTS_BEGIN)[1]
     assert "python benchmarks/round2.py --stage sweep" in block and "#### Learning-rate sweep" in block
     assert "| lora@lr1e-3 | 1.1000 | — | **yes** |" in block and "#### Task mixture" not in block  # nothing measured
+    assert "(figures/round2-lr-sweep.png)" in block  # linked relative to the results file
