@@ -624,6 +624,7 @@ def report_mixture() -> str | None:
             f"| {name} | {experts} | " + " | ".join(cells) + f" | {trained['mean']:.3f} ({untrained['mean']:.3f}) |"
         )
     routing_table = "\n".join(lines)
+    tables = [expert_by_task_table(name, r["routing-by-task"]) for name, r in routed.items() if name != "loracoe"]
     if routed:
         mixture_routing_figure(routed)
     missing = [label for label in labels if "choices" not in records.get(label, {})]
@@ -642,7 +643,9 @@ def report_mixture() -> str | None:
         "problems per task, prompt and answer): each task's total-variation distance from the all-task load, "
         "averaged over layers, with the same adapter's router before training in brackets (0 = the task's tokens "
         f"go where every task's go; 1 - 1/{len(tasks)} = experts of its own; LoRACoE's experts are its ranks):"
-        f"\n\n{routing_table}\n" + (f"\nStill to measure: {', '.join(missing)}.\n" if missing else "")
+        f"\n\n{routing_table}\n"
+        + "".join(f"\n{t}\n" for t in tables)
+        + (f"\nStill to measure: {', '.join(missing)}.\n" if missing else "")
     )
     atomic_write_text(RECORDS / "mixture.md", text)
     return text
@@ -658,26 +661,56 @@ def _rate(record: dict) -> str:
     return "?"
 
 
+def middle_layer(shares: dict[str, list]) -> int:
+    """The layer the expert-by-task tables and heat maps show: the middle one (a fixed choice, not the most
+    specialised one, which would flatter every method)."""
+    return len(next(iter(shares.values()))) // 2
+
+
+def expert_by_task_table(name: str, shares: dict[str, list]) -> str:
+    """Markdown: the share of each task's tokens whose top-1 expert is e, at the middle layer."""
+    layer = middle_layer(shares)
+    experts = len(shares[next(iter(shares))][layer])
+    lines = [
+        f"{name}, layer {layer} (`mlp.down_proj`): share of each task's tokens per top-1 expert",
+        "",
+        "| task | " + " | ".join(f"e{e}" for e in range(experts)) + " |",
+        "|---|" + "---|" * experts,
+    ]
+    for task, rows in shares.items():
+        lines.append(f"| {task} | " + " | ".join(f"{100 * v:.0f}%" for v in rows[layer]) + " |")
+    return "\n".join(lines)
+
+
 def mixture_routing_figure(routed: dict[str, dict]) -> Path:
-    """One heat map per routed method: share of each task's tokens whose top-1 expert is e, averaged over layers,
-    trained router above, the same adapter's untrained router below."""
+    """Per routed method: above, the middle layer's share of each task's tokens per top-1 expert; below, each
+    layer's task-vs-all routing distance (mean over tasks), trained router against the untrained one."""
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from qmoe.compare.mixture import task_specialisation
     from qmoe.compare.plots import save_figure
 
-    fig, axes = plt.subplots(2, len(routed), figsize=(3.4 * len(routed), 5.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(routed), figsize=(3.6 * len(routed), 5.6), squeeze=False)
     for column, (name, record) in enumerate(routed.items()):
-        for row, key in enumerate(("routing-by-task", "routing-by-task-untrained")):
-            shares = record[key]
-            tasks = list(shares)
-            matrix = np.array([np.mean(shares[t], axis=0) for t in tasks])
-            ax = axes[row][column]
-            ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.5, float(matrix.max())))
-            ax.set_yticks(range(len(tasks)), tasks if column == 0 else [""] * len(tasks), fontsize=8)
-            ax.set_xlabel("expert" if name != "loracoe" else "rank", fontsize=8)
-            ax.set_title(f"{name}{'' if row == 0 else ' (untrained)'}", fontsize=9)
-    fig.suptitle("Top-1 expert share per task, mixture runs (averaged over layers)", fontsize=10)
+        shares = record["routing-by-task"]
+        tasks, layer = list(shares), middle_layer(shares)
+        ax = axes[0][column]
+        matrix = np.array([shares[t][layer] for t in tasks])
+        ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_yticks(range(len(tasks)), tasks if column == 0 else [""] * len(tasks), fontsize=8)
+        ax.set_xlabel("rank" if name == "loracoe" else "expert", fontsize=8)
+        ax.set_title(f"{name}: layer {layer}, top-1 share", fontsize=9)
+        ax = axes[1][column]
+        for key, style in (("routing-by-task", "-"), ("routing-by-task-untrained", "--")):
+            by_layer = task_specialisation(record[key])["by_layer"]
+            ax.plot(range(len(by_layer)), by_layer, style, label="trained" if style == "-" else "untrained")
+        ax.set_xlabel("layer", fontsize=8)
+        ax.set_ylim(0, 1 - 1 / len(tasks))
+        if column == 0:
+            ax.set_ylabel("task vs all-task routing (TV)", fontsize=8)
+            ax.legend(fontsize=7)
+    fig.suptitle("Routing by task in the mixture runs", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, FIGURES / "round2-mixture-routing.png")
 

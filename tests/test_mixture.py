@@ -92,6 +92,9 @@ def test_task_specialisation_is_the_distance_from_the_all_task_load():
     # two layers, two experts: task a always expert 0, task b always expert 1 -> 1 - 1/2 apart from the mean load
     disjoint = task_specialisation({"a": [[1.0, 0.0], [1.0, 0.0]], "b": [[0.0, 1.0], [0.0, 1.0]]})
     assert disjoint["task_vs_all_tv"] == {"a": pytest.approx(0.5), "b": pytest.approx(0.5)}
+    assert disjoint["by_layer"] == [pytest.approx(0.5), pytest.approx(0.5)]
+    mixed = task_specialisation({"a": [[1.0, 0.0], [0.5, 0.5]], "b": [[0.0, 1.0], [0.5, 0.5]]})
+    assert mixed["by_layer"] == [pytest.approx(0.5), pytest.approx(0.0)] and mixed["mean"] == pytest.approx(0.25)
     # a third task sent evenly: the mean load is 1/2 everywhere, so it sits on it
     three = task_specialisation({"a": [[1.0, 0.0]], "b": [[0.0, 1.0]], "c": [[0.5, 0.5]]})
     assert three["task_vs_all_tv"]["c"] == pytest.approx(0.0) and three["mean"] == pytest.approx(1 / 3)

@@ -117,6 +117,7 @@ def test_the_mixture_report_compares_every_method_with_lora_on_every_task(no_rec
     # GSM8K's tokens on expert 0, the others on expert 1: the equal-weight mean load is (1/4, 3/4), so GSM8K sits
     # 0.75 from it and each other task 0.25; the untrained router sends every task evenly (0 apart)
     assert "| moelora | 2 | 0.750 (0.000) | 0.250 (0.000) |" in text and "| 0.375 (0.000) |" in text
+    assert "moelora, layer 0 (`mlp.down_proj`)" in text and "| gsm8k | 100% | 0% |" in text  # expert by task
     assert "Still to measure: loramoe@mixture" in text
     assert (tmp_path / "figures" / "round2-mixture-routing.png").is_file()
     assert (no_records / "mixture.md").read_text() == text

@@ -137,10 +137,13 @@ def task_routing(chat: ChatModel, texts_by_task: dict[str, list[str]], module: s
 
 
 def task_specialisation(shares: dict[str, list]) -> dict:
-    """Per task, the total-variation distance between where its tokens go and where all tasks' tokens go, averaged
-    over layers (0 = routed like every task's tokens; 1 - 1/tasks when each task has experts of its own); and
-    ``mean`` over tasks. The all-task load weighs the tasks equally (their token counts differ)."""
+    """How far each task's routing is from the all-task routing, as total-variation distance per layer (0 = the
+    task's tokens go where every task's go; 1 - 1/tasks when each task has experts of its own). The all-task load
+    weighs the tasks equally (their token counts differ). ``task_vs_all_tv``: per task, averaged over layers;
+    ``by_layer``: per layer, averaged over tasks; ``mean``: over both."""
     by_task = {task: torch.tensor(s) for task, s in shares.items()}
     overall = torch.stack(list(by_task.values())).mean(0)
-    tv = {task: float(0.5 * (s - overall).abs().sum(1).mean()) for task, s in by_task.items()}
-    return {"task_vs_all_tv": tv, "mean": sum(tv.values()) / len(tv)}
+    per_layer = {task: 0.5 * (s - overall).abs().sum(1) for task, s in by_task.items()}  # task -> [layers]
+    tv = {task: float(d.mean()) for task, d in per_layer.items()}
+    by_layer = torch.stack(list(per_layer.values())).mean(0)
+    return {"task_vs_all_tv": tv, "by_layer": by_layer.tolist(), "mean": float(by_layer.mean())}
