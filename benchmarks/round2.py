@@ -698,6 +698,10 @@ def mixture_routing_figure(routed: dict[str, dict]) -> Path:
         ax = axes[0][column]
         matrix = np.array([shares[t][layer] for t in tasks])
         ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        if matrix.shape[1] <= 8:  # shares written in (LoRACoE's ranks are too many to label)
+            for (row, col), value in np.ndenumerate(matrix):
+                color = "white" if value < 0.6 else "black"
+                ax.text(col, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=6, color=color)
         ax.set_yticks(range(len(tasks)), tasks if column == 0 else [""] * len(tasks), fontsize=8)
         ax.set_xlabel("rank" if name == "loracoe" else "expert", fontsize=8)
         ax.set_title(f"{name}: layer {layer}, top-1 share", fontsize=9)
