@@ -339,15 +339,21 @@ def selected_runs() -> list[tuple[str, str]]:
     ]
 
 
-def test_stage(methods: list[str], out_dir: Path) -> None:
-    """GSM8K test answer NLL of every selected, validated run of ``methods`` that lacks it (cached per run dir)."""
+def budget_of(stage: str, label: str) -> int:
+    """Training problems of a selected run: the sweep's 200, or the curve run's N."""
+    return SWEEP_PROBLEMS if stage == "sweep" else int(label.rsplit("@n", 1)[1])
+
+
+def test_stage(methods: list[str], out_dir: Path, problems: int | None = None) -> None:
+    """GSM8K test answer NLL of every selected, validated run of ``methods`` (trained on ``problems``, default
+    any) that lacks it (cached per run dir)."""
     from qmoe.compare.selection import TEST_FILE
     from qmoe.data import load_gsm8k
 
-    problems = None
+    test = None
     for stage, label in selected_runs():
         path = record_path(stage, label)
-        if group_of(label) not in methods or not path.is_file():
+        if group_of(label) not in methods or not path.is_file() or problems not in (None, budget_of(stage, label)):
             continue
         record = json.loads(path.read_text())
         if "test" in record or "validation" not in record:
@@ -356,10 +362,10 @@ def test_stage(methods: list[str], out_dir: Path) -> None:
         if not _finished(run_dir):
             print(f"[test] {label}: its run directory is gone; re-run --stage {stage} to retrain it", flush=True)
             continue
-        problems = problems or load_gsm8k("test", path=str(GSM8K_TEST), limit=TEST_PROBLEMS)
-        print(f"[test] {label}: GSM8K test answer NLL ({len(problems)} problems)", flush=True)
+        test = test or load_gsm8k("test", path=str(GSM8K_TEST), limit=TEST_PROBLEMS)
+        print(f"[test] {label}: GSM8K test answer NLL ({len(test)} problems)", flush=True)
         start = time.process_time()
-        result = validation_nll(run_dir, problems, max_length=MAX_LENGTH, cache_file=TEST_FILE)
+        result = validation_nll(run_dir, test, max_length=MAX_LENGTH, cache_file=TEST_FILE)
         record["test"] = {k: v for k, v in result.items() if k != "key"} | {"cpu_seconds": time.process_time() - start}
         atomic_write_json(path, record)
 
@@ -538,8 +544,7 @@ def report_test() -> str | None:
     for stage, label in selected_runs():
         record = load_records(stage, [label]).get(label, {})
         if "test" in record:
-            n = SWEEP_PROBLEMS if stage == "sweep" else int(label.rsplit("@n", 1)[1])
-            by_budget.setdefault(n, {})[group_of(label)] = record
+            by_budget.setdefault(budget_of(stage, label), {})[group_of(label)] = record
     if not by_budget:
         return None
     lines = [
@@ -778,8 +783,8 @@ def main() -> int:
     parser.add_argument(
         "--problems",
         type=int,
-        choices=CURVE_PROBLEMS,
-        help="curve stage: only this training-set size (the default runs every size)",
+        choices=(SWEEP_PROBLEMS, *CURVE_PROBLEMS),
+        help="curve and test stages: only this training-set size (the default: every size)",
     )
     args = parser.parse_args()
     unknown = [m for m in args.methods if m not in METHODS]
@@ -808,10 +813,12 @@ def main() -> int:
             print(f"wrote {args.results}")
         return 0
     if args.stage == "test":
-        test_stage(args.methods, args.out_dir)
+        test_stage(args.methods, args.out_dir, args.problems)
         print(report_test() or "no selected run tested yet")
         return 0
     if args.stage == "curve":
+        if args.problems == SWEEP_PROBLEMS:
+            parser.error(f"--problems {SWEEP_PROBLEMS} is the sweep's budget; the curve runs {CURVE_PROBLEMS}")
         runs = [r for r in curve_runs() if args.problems is None or r[0].endswith(f"@n{args.problems}")]
         tasks: tuple[str, ...] = ("gsm8k",)
     else:
