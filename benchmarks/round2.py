@@ -129,7 +129,7 @@ def curve_runs() -> list[tuple[str, str, list[str]]]:
 MIXTURE_TASKS = ("ARC-Easy", "boolq", "openbookqa")
 MIXTURE_PER_TASK = 100  # training problems per task (GSM8K's are its first 100): 400 problems, 100 steps of 4
 MIXTURE_VAL_PER_TASK = 125  # validation problems per task: the last ones of each training file
-MIXTURE_TEST_PER_TASK = 500  # multiple-choice test problems per task: the first ones of each test file
+MIXTURE_TEST_PER_TASK = 200  # multiple-choice test problems per task: the first ones of each test file
 ROUTING_TEXTS = 40  # validation problems per task whose routing is traced (prompt + reference answer)
 
 
