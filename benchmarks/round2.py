@@ -628,7 +628,7 @@ def report_mixture() -> str | None:
         lines.append(
             f"| {name} | {experts} | " + " | ".join(cells) + f" | {trained['mean']:.3f} ({untrained['mean']:.3f}) |"
         )
-    routing_table = "\n".join(lines)
+    routing_table = "\n".join(lines) if routed else "(no run with a router measured yet)"
     tables = [expert_by_task_table(name, r["routing-by-task"]) for name, r in routed.items() if name != "loracoe"]
     if routed:
         mixture_routing_figure(routed)
