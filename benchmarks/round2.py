@@ -622,12 +622,17 @@ def report_mixture() -> str | None:
     lines.append("|---|---|" + "---|" * (len(tasks) + 1))
     for name, record in routed.items():
         trained = task_specialisation(record["routing-by-task"])
-        untrained = task_specialisation(record["routing-by-task-untrained"])
+        # no untrained routing where the fresh adapter routes nothing (LoRACoE starts in its LoRA warm-up stage)
+        before = record["routing-by-task-untrained"]
+        untrained = task_specialisation(before) if before else {"task_vs_all_tv": {}, "mean": None}
+
+        def cell(now: float, then: float | None) -> str:
+            return f"{now:.3f} ({'n/a' if then is None else f'{then:.3f}'})"
+
         experts = len(next(iter(record["routing-by-task"].values()))[0])
-        cells = [f"{trained['task_vs_all_tv'][t]:.3f} ({untrained['task_vs_all_tv'][t]:.3f})" for t in tasks]
-        lines.append(
-            f"| {name} | {experts} | " + " | ".join(cells) + f" | {trained['mean']:.3f} ({untrained['mean']:.3f}) |"
-        )
+        cells = [cell(trained["task_vs_all_tv"][t], untrained["task_vs_all_tv"].get(t)) for t in tasks]
+        mean = cell(trained["mean"], untrained["mean"])
+        lines.append(f"| {name} | {experts} | " + " | ".join(cells) + f" | {mean} |")
     routing_table = "\n".join(lines) if routed else "(no run with a router measured yet)"
     tables = [expert_by_task_table(name, r["routing-by-task"]) for name, r in routed.items() if name != "loracoe"]
     if routed:
@@ -712,6 +717,8 @@ def mixture_routing_figure(routed: dict[str, dict]) -> Path:
         ax.set_title(f"{name}: layer {layer}, top-1 share", fontsize=9)
         ax = axes[1][column]
         for key, style in (("routing-by-task", "-"), ("routing-by-task-untrained", "--")):
+            if not record[key]:  # an untrained adapter that routes nothing (LoRACoE's warm-up stage)
+                continue
             by_layer = task_specialisation(record[key])["by_layer"]
             ax.plot(range(len(by_layer)), by_layer, style, label="trained" if style == "-" else "untrained")
         ax.set_xlabel("layer", fontsize=8)
