@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -214,3 +215,16 @@ def set_stage(model: nn.Module, stage: str) -> None:
     for layer in adapter_layers(model).values():
         layer.set_stage(stage)
     object.__setattr__(config, "stage", stage)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode without gradients for the block, back in its own mode afterwards (scoring a model
+    mid-training must not leave dropout off or switch it on)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)

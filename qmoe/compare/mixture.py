@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..attach import clear_aux
+from ..attach import clear_aux, evaluating
 from ..data import DataError, PadCollator, tokenize_example
 
 if TYPE_CHECKING:
@@ -97,26 +97,21 @@ def choice_accuracy(
     the highest log-probability among its choices (ties go to the first choice). Where every choice differs from
     the others by a single token (answer1..answer5, true/false with this tokenizer) one forward over the shared
     prefix scores them all; otherwise each choice is scored with its own forward."""
-    was_training = model.training
-    model.eval()
     prepared = [(_candidates(tokenizer, r, max_length), answer_choices(r["prompt"]).index(r["gold"])) for r in records]
     per_example: list[int] = [0] * len(records)
     single = [i for i, ((_, own), _) in enumerate(prepared) if all(len(t) == 1 for t in own)]
-    try:
-        with torch.no_grad():
-            single.sort(key=lambda i: len(prepared[i][0][0]))
-            for start in range(0, len(single), batch_size):
-                rows = single[start : start + batch_size]
-                logp = _next_token_logprobs(model, [prepared[i][0][0] for i in rows], tokenizer.pad_token_id)
-                for row, i in enumerate(rows):
-                    (_, own), gold = prepared[i]
-                    scores = logp[row, [t[0] for t in own]]
-                    per_example[i] = int(int(scores.argmax()) == gold)
-            for i in sorted(set(range(len(records))) - set(single)):
-                scores = choice_logprobs_reference(model, tokenizer, records[i], max_length)
-                per_example[i] = int(max(range(len(scores)), key=scores.__getitem__) == prepared[i][1])
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        single.sort(key=lambda i: len(prepared[i][0][0]))
+        for start in range(0, len(single), batch_size):
+            rows = single[start : start + batch_size]
+            logp = _next_token_logprobs(model, [prepared[i][0][0] for i in rows], tokenizer.pad_token_id)
+            for row, i in enumerate(rows):
+                (_, own), gold = prepared[i]
+                scores = logp[row, [t[0] for t in own]]
+                per_example[i] = int(int(scores.argmax()) == gold)
+        for i in sorted(set(range(len(records))) - set(single)):
+            scores = choice_logprobs_reference(model, tokenizer, records[i], max_length)
+            per_example[i] = int(max(range(len(scores)), key=scores.__getitem__) == prepared[i][1])
     correct = sum(per_example)
     return {"accuracy": correct / len(records), "correct": correct, "n": len(records), "per_example": per_example}
 
