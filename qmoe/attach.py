@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .kernels import requested_backend
 from .tuners import layer_class
 from .tuners.base import AdapterContext, AdapterLayer
 
@@ -70,6 +71,12 @@ def _capture_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     ctx: AdapterContext = getattr(module, _CONTEXT_ATTR)
     mask = kwargs.get("attention_mask")
     ctx.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    ctx.backend = requested_backend()  # once per forward, not once per adapted layer
+
+
+def _forget_backend(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    # a layer called on its own after this forward asks requested_backend() again (set_backend may change it)
+    getattr(module, _CONTEXT_ATTR).backend = None
 
 
 def attach(model: nn.Module, config: AdapterConfig, *, layer_cls: type[AdapterLayer] | None = None) -> nn.Module:
@@ -100,7 +107,11 @@ def attach(model: nn.Module, config: AdapterConfig, *, layer_cls: type[AdapterLa
         setattr(parent, child, layer)
     setattr(model, _CONTEXT_ATTR, context)
     setattr(model, _CONFIG_ATTR, config)
-    setattr(model, _HOOK_ATTR, model.register_forward_pre_hook(_capture_mask, with_kwargs=True))
+    hooks = (
+        model.register_forward_pre_hook(_capture_mask, with_kwargs=True),
+        model.register_forward_hook(_forget_backend, always_call=True),
+    )
+    setattr(model, _HOOK_ATTR, hooks)
     if config.method == "loracoe":
         set_stage(model, config.stage)
     return model
@@ -117,8 +128,7 @@ def detach(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, getattr(parent, child).base_layer)
-    handle = getattr(model, _HOOK_ATTR, None)
-    if handle is not None:
+    for handle in getattr(model, _HOOK_ATTR, ()):
         handle.remove()
     for attr in (_CONTEXT_ATTR, _CONFIG_ATTR, _HOOK_ATTR):
         if hasattr(model, attr):

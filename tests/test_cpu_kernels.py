@@ -13,6 +13,12 @@ import qmoe
 from qmoe import kernels
 from qmoe.kernels import cpu_decode
 from qmoe.kernels.selfcheck import KernelFallbackWarning
+from qmoe.tuners.base import METHOD_IDS, EagerDecoder
+
+
+def runs_the_kernel(layer) -> bool:
+    """Whether the layer's last fast-path forward ran qmoe's CPU kernel (else the eager decoder)."""
+    return layer._inference_cache is not None and not isinstance(layer._inference_cache[1], EagerDecoder)
 
 
 def randomized(model):
@@ -52,7 +58,7 @@ def test_fast_path_through_the_cpu_kernels_equals_the_eager_fast_path(tiny_4bit,
             logits = model(input_ids=ids, attention_mask=mask).logits
             routing = qmoe.routing(model)
         generated = model.generate(ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
-        used = {layer._cpu_kernels is not None for layer in qmoe.adapter_layers(model).values()}
+        used = {runs_the_kernel(layer) for layer in qmoe.adapter_layers(model).values()}
         runs[backend] = (logits, routing, generated, used)
     (logits, routing, generated, used), (ref_logits, ref_routing, ref_generated, ref_used) = runs["auto"], runs["torch"]
     assert used == {True} and ref_used == {False}
@@ -66,19 +72,66 @@ def test_fast_path_through_the_cpu_kernels_equals_the_eager_fast_path(tiny_4bit,
         torch.testing.assert_close(routing[name]["trace"][0], info["trace"][0], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_decoding_through_the_kernels_equals_the_eager_path(tiny_4bit, monkeypatch, method):
+    """Three left-padded rows decoded together: three tokens per forward, the kernels' loops (not BLAS)."""
+    model = randomized(qmoe.attach(tiny_4bit(), config(method)))
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 256, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = mask[2, :4] = 0
+    ids[mask == 0] = 0
+    out = {}
+    for backend in ("auto", "torch"):
+        monkeypatch.setenv("QMOE_KERNELS", backend)
+        with torch.no_grad():
+            out[backend] = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=0,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+    assert torch.equal(out["auto"].sequences, out["torch"].sequences)
+    # (float rounding of another summation order, as accurate as the eager path's against float64, amplified
+    # through the layers by large random adapters)
+    for got, expected in zip(out["auto"].logits, out["torch"].logits, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_moelora_decoding_reads_only_the_chosen_experts(tiny_4bit):
+    """The kernel's promise for a few tokens: the experts the router did not choose are never read (a NaN in
+    their weights cannot reach the output), while the eager path multiplies them by a zero gate."""
+    model = randomized(qmoe.attach(tiny_4bit(), config("moelora")))
+    layer = next(iter(qmoe.adapter_layers(model).values()))
+    x = torch.randn(1, 1, layer.in_features, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        layer(x)
+        assert runs_the_kernel(layer)
+        chosen = set(layer._routing_pending[2].view(-1).tolist())
+        unchosen = next(e for e in range(layer.config.num_experts) if e not in chosen)
+        r = layer.config.r
+        layer.lora_A[unchosen * r : (unchosen + 1) * r] = float("nan")
+        assert torch.isfinite(layer(x)).all()
+        assert runs_the_kernel(layer)  # (rebuilt after the change: the router and the chosen experts are intact)
+        many = x.expand(1, 9, -1).contiguous()  # more tokens than the loops take: BLAS over every expert
+        assert torch.isnan(layer(many)).any()
+
+
 def test_loracoe_warmup_stage_runs_the_lora_kernel(tiny_4bit, monkeypatch):
     model = randomized(qmoe.attach(tiny_4bit(), config("loracoe", stage="warmup")))
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2))
-    calls = []
+    built = []
     real = cpu_decode.kernels()
-    spy = types.SimpleNamespace(**{n: getattr(real, n) for n in ("moelora", "loramoe", "loracoe")})
-    spy.lora = lambda *args: calls.append(1) or real.lora(*args)
+    spy = types.SimpleNamespace(Decoder=lambda method, *args: built.append(method) or real.Decoder(method, *args))
     monkeypatch.setattr(cpu_decode, "kernels", lambda: spy)
     with torch.no_grad():
         warm = model(input_ids=ids).logits
         monkeypatch.setenv("QMOE_KERNELS", "torch")
         expected = model(input_ids=ids).logits
-    assert len(calls) == len(qmoe.adapter_layers(model))
+    assert built == [METHOD_IDS["lora"]] * len(qmoe.adapter_layers(model))
     torch.testing.assert_close(warm, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -86,13 +139,17 @@ def test_kernels_that_disagree_with_the_eager_path_are_not_used(fresh_verdict, m
     real = cpu_decode.kernels()
     cpu_decode.forget()
 
-    def off_by_one(out, *args):  # a MoELoRA kernel with a bug: the self-check must catch it
-        result = real.moelora(out, *args)
-        out.add_(1.0)
-        return result
+    class OffByOne:  # a MoELoRA kernel with a bug: the self-check must catch it
+        def __init__(self, method, *args):
+            self.decoder, self.method = real.Decoder(method, *args), method
 
-    broken = types.SimpleNamespace(lora=real.lora, loramoe=real.loramoe, loracoe=real.loracoe, moelora=off_by_one)
-    monkeypatch.setattr(cpu_decode, "_build", lambda: broken)
+        def run(self, result, x):
+            ran = self.decoder.run(result, x)
+            if ran is not None and self.method == METHOD_IDS["moelora"]:
+                ran[0].add_(1.0)
+            return ran
+
+    monkeypatch.setattr(cpu_decode, "_build", lambda: types.SimpleNamespace(Decoder=OffByOne))
     with pytest.warns(KernelFallbackWarning, match="the moelora kernel differs from the eager path"):
         assert cpu_decode.kernels() is None
     assert cpu_decode.status().startswith("not used: the moelora kernel differs")
@@ -104,8 +161,25 @@ def test_kernels_that_disagree_with_the_eager_path_are_not_used(fresh_verdict, m
             got = model(input_ids=ids).logits
             monkeypatch.setenv("QMOE_KERNELS", "torch")
             expected = model(input_ids=ids).logits
-    assert all(layer._cpu_kernels is None for layer in qmoe.adapter_layers(model).values())
+    assert not any(runs_the_kernel(layer) for layer in qmoe.adapter_layers(model).values())
     torch.testing.assert_close(got, expected)
+
+
+def test_a_kernel_that_misses_a_parameter_change_is_not_used(fresh_verdict, monkeypatch):
+    real = cpu_decode.kernels()
+    cpu_decode.forget()
+
+    class NeverStale:  # a decoder that keeps serving weights fused before an optimizer step
+        def __init__(self, *args):
+            self.decoder = real.Decoder(*args)
+
+        def run(self, result, x):
+            ran = self.decoder.run(result, x)
+            return ran if ran is not None else (result, None, None)
+
+    monkeypatch.setattr(cpu_decode, "_build", lambda: types.SimpleNamespace(Decoder=NeverStale))
+    with pytest.warns(KernelFallbackWarning, match="does not notice a changed parameter"):
+        assert cpu_decode.kernels() is None
 
 
 def test_a_failed_build_falls_back_with_one_warning(fresh_verdict, monkeypatch):
@@ -128,12 +202,13 @@ def test_a_kernel_that_raises_in_its_self_check_is_not_used(fresh_verdict, monke
     real = cpu_decode.kernels()
     cpu_decode.forget()
 
-    def raises(*args):
-        raise RuntimeError("z has 41 columns, expected n + n*r = 40")
+    def raises(method, *args):
+        if method == METHOD_IDS["loracoe"]:
+            raise RuntimeError("up has 41 rows, expected 48")
+        return real.Decoder(method, *args)
 
-    broken = types.SimpleNamespace(lora=real.lora, loramoe=real.loramoe, loracoe=raises, moelora=real.moelora)
-    monkeypatch.setattr(cpu_decode, "_build", lambda: broken)
-    with pytest.warns(KernelFallbackWarning, match="its self-check raised RuntimeError: z has 41 columns"):
+    monkeypatch.setattr(cpu_decode, "_build", lambda: types.SimpleNamespace(Decoder=raises))
+    with pytest.warns(KernelFallbackWarning, match="its self-check raised RuntimeError: up has 41 rows"):
         assert cpu_decode.kernels() is None
 
 

@@ -126,6 +126,34 @@ def test_fused_weights_follow_parameter_changes_and_train_mode(tiny_4bit):
     assert layer._inference_cache is None
 
 
+def test_fused_weights_follow_replaced_parameters_and_moves(tiny_4bit, reference_path):
+    """A parameter replaced by another object (setattr, load_state_dict(assign=True)) or moved to another dtype:
+    the fast path must not keep serving the weights it fused from the old one."""
+    model = qmoe.attach(tiny_4bit(), config("moelora"))
+    randomize(model)
+    model.eval()
+    ids, _ = batch()
+    layers = list(qmoe.adapter_layers(model).values())
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        for layer in layers:
+            layer.lora_B = torch.nn.Parameter(layer.lora_B * 2.0)
+        assert all(layer._inference_cache is None for layer in layers)
+        after = model(input_ids=ids).logits
+        with reference_path:
+            expected = model(input_ids=ids).logits
+        assert not torch.allclose(before, after)
+        torch.testing.assert_close(after, expected, atol=1e-3, rtol=1e-3)
+        for layer in layers:
+            for name in layer.adapter_param_names:
+                getattr(layer, name).data = getattr(layer, name).data * 0.5  # new storage, same object
+        halved = model(input_ids=ids).logits
+        with reference_path:
+            torch.testing.assert_close(halved, model(input_ids=ids).logits, atol=1e-3, rtol=1e-3)
+        layers[0].double()
+        assert layers[0]._inference_cache is None
+
+
 def test_loracoe_stage_switch_rebuilds_the_fusion(tiny_4bit, reference_path):
     model = qmoe.attach(tiny_4bit(), config("loracoe", stage="warmup"))
     randomize(model)

@@ -1,26 +1,77 @@
-// qmoe's CPU inference kernels: one call per adapted layer instead of ~15 eager PyTorch ops.
+// qmoe's CPU inference kernels: an adapted layer's whole eval-mode adapter step in one call.
 //
-// At decode time (a few tokens per forward) an adapter's arithmetic is tiny and its cost is per-op
-// overhead: every PyTorch op costs microseconds of dispatch, more right after bitsandbytes' 4-bit kernel
-// has evicted the caches. Each function here does what AdapterLayer.forward_inference does in eager
-// PyTorch for one method (qmoe/tuners/*/layer.py, the reference these are tested against):
+// At decode time (a few tokens per forward) an adapter's arithmetic is tiny and its cost is per-op overhead
+// and memory traffic: every PyTorch op costs microseconds of dispatch, several times more right after
+// bitsandbytes' 4-bit kernel has evicted the caches, and the adapter weights stream through the caches on
+// every token. A Decoder holds one layer's fused weights and does, for the tokens of x,
 //
-//   z = flat @ up_t                  (one matmul: rank activations and router logits)
+//   z = up @ x                       (rank activations and router logits)
 //   gated = routing(z)               (a plain loop over tokens: experts and ranks are few)
-//   result2d += gated @ down_t       (in place, into the frozen layer's output)
+//   result += down_t^T @ gated       (in place, into the frozen layer's output)
 //
-// and returns what the routing telemetry records. float32 CPU tensors only; the caller checks.
+// which is what AdapterLayer.forward_inference does in eager PyTorch for each method (qmoe/tuners/*/layer.py,
+// the reference these are tested against). Up to SMALL_TOKENS tokens it runs hand-written loops over the
+// weight rows (no BLAS call, no dispatch) and MoELoRA reads only the k chosen experts' A rows and B rows
+// (k/n of its adapter weights: the decode-time saving the top-k router promises); more tokens (prefill,
+// large batches) take one BLAS matmul each side. float32 CPU tensors only; the Python side checks.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+namespace py = pybind11;
+
 namespace {
 
-at::Tensor up_matmul(const at::Tensor& flat, const at::Tensor& up_t) {
-  TORCH_CHECK(flat.scalar_type() == at::kFloat && up_t.scalar_type() == at::kFloat, "float32 tensors only");
-  return at::mm(flat, up_t).contiguous();
+constexpr int64_t SMALL_TOKENS = 4;  // tokens per call up to which the loops beat a BLAS call (BENCHMARKS.md)
+
+enum Method : int64_t { LORA = 0, MOELORA = 1, LORAMOE = 2, LORACOE = 3 };
+
+// z[j] = <x, w[j]> for `rows` rows of w (row-major, `width` columns); several rows per pass share x's loads.
+// (target_clones: the widest vector unit the running CPU has, chosen once at load time, no -march=native)
+__attribute__((target_clones("avx512f", "avx2", "default"))) void rows_dot(const float* x, const float* w,
+                                                                          int64_t rows, int64_t width, float* z) {
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) {
+    const float *w0 = w + j * width, *w1 = w0 + width, *w2 = w1 + width, *w3 = w2 + width;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t i = 0; i < width; ++i) {
+      s0 += x[i] * w0[i];
+      s1 += x[i] * w1[i];
+      s2 += x[i] * w2[i];
+      s3 += x[i] * w3[i];
+    }
+    z[j] = s0, z[j + 1] = s1, z[j + 2] = s2, z[j + 3] = s3;
+  }
+  for (; j < rows; ++j) {
+    const float* wj = w + j * width;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < width; ++i) s += x[i] * wj[i];
+    z[j] = s;
+  }
+}
+
+// out += sum_j c[j] * w[j] over `rows` rows of w (row-major, `width` columns); rows with c[j] == 0 skipped.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void rows_axpy(const float* c, const float* w,
+                                                                           int64_t rows, int64_t width, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) {
+    const float *w0 = w + j * width, *w1 = w0 + width, *w2 = w1 + width, *w3 = w2 + width;
+    const float c0 = c[j], c1 = c[j + 1], c2 = c[j + 2], c3 = c[j + 3];
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) out[i] += c0 * w0[i] + c1 * w1[i] + c2 * w2[i] + c3 * w3[i];
+  }
+  for (; j < rows; ++j) {
+    const float* wj = w + j * width;
+    const float cj = c[j];
+    if (cj == 0.f) continue;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) out[i] += cj * wj[i];
+  }
 }
 
 // softmax of n logits into out (max-shifted, as torch.softmax)
@@ -35,103 +86,190 @@ void softmax(const float* logits, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] /= sum;
 }
 
+// The top-k of n logits (descending) into ids; false when a tie touches the choice or its order, where
+// torch.topk's own order (an implementation detail) decides and the caller asks it.
+bool top_k(const float* logits, int64_t n, int64_t k, int64_t* ids) {
+  for (int64_t j = 0; j < k; ++j) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < n; ++e) {
+      bool taken = false;
+      for (int64_t q = 0; q < j; ++q) taken |= ids[q] == e;
+      if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
+    }
+    ids[j] = best;
+  }
+  for (int64_t e = 0; e < n; ++e)
+    for (int64_t j = 0; j < k; ++j)
+      if (e != ids[j] && logits[e] == logits[ids[j]]) return false;
+  return true;
+}
+
 }  // namespace
 
-// LoRA (and LoRACoE's warm-up stage): result2d += (flat @ A^T) @ (s B)^T
-void lora(at::Tensor result2d, const at::Tensor& flat, const at::Tensor& up_t, const at::Tensor& down_t) {
-  at::NoGradGuard no_grad;
-  result2d.addmm_(up_matmul(flat, up_t), down_t);
-}
+class Decoder {
+ public:
+  // up [R', in] and up_t (its contiguous transpose), down_t [R, out] (scales folded in), float32 contiguous;
+  // params: the adapter parameters the weights were built from (in-place changes make this decoder stale).
+  Decoder(int64_t method, at::Tensor up, at::Tensor up_t, at::Tensor down_t, std::vector<at::Tensor> params,
+          int64_t n, int64_t r, int64_t k)
+      : method_(method), up_(up), up_t_(up_t), down_t_(down_t), params_(std::move(params)), n_(n), r_(r), k_(k) {
+    TORCH_CHECK(up.scalar_type() == at::kFloat && down_t.scalar_type() == at::kFloat, "float32 weights only");
+    TORCH_CHECK(up.is_contiguous() && up_t.is_contiguous() && down_t.is_contiguous(), "contiguous weights only");
+    in_ = up.size(1), out_ = down_t.size(1), up_rows_ = up.size(0), down_rows_ = down_t.size(0);
+    const int64_t expected[] = {down_rows_, n + n * r, r + n, r + n * r};
+    TORCH_CHECK(method >= LORA && method <= LORACOE, "unknown method ", method);
+    TORCH_CHECK(up_rows_ == expected[method], "up has ", up_rows_, " rows, expected ", expected[method]);
+    TORCH_CHECK(method != MOELORA || (k >= 1 && k <= n), "top_k must be in [1, num_experts]");
+    TORCH_CHECK(method != LORAMOE || (r % n == 0), "the rank must split evenly over the experts");
+    for (const auto& p : params_) versions_.push_back(p._version()), pointers_.push_back(p.data_ptr());
+  }
 
-// MoELoRA: z = [router logits (n) | expert e's ranks (n blocks of r)]; the top-k experts by logit (at::topk), weighted by
-// the softmax of their logits (= renormalised top-k of the softmax). Returns (dense gate [T, n], top ids [T, k]).
-std::vector<at::Tensor> moelora(at::Tensor result2d, const at::Tensor& flat, const at::Tensor& up_t,
-                                const at::Tensor& down_t, int64_t n, int64_t r, int64_t k) {
-  at::NoGradGuard no_grad;
-  TORCH_CHECK(k >= 1 && k <= n, "top_k must be in [1, num_experts]");
-  at::Tensor z = up_matmul(flat, up_t);
-  const int64_t tokens = z.size(0), width = z.size(1);
-  TORCH_CHECK(width == n + n * r, "z has ", width, " columns, expected n + n*r = ", n + n * r);
-  // torch's own top-k: the same experts as the eager path, ties (e.g. an all-zero input row) included
-  auto top = at::topk(z.narrow(1, 0, n), k, /*dim=*/1);
-  at::Tensor values = std::get<0>(top).contiguous(), ids = std::get<1>(top).contiguous();
-  at::Tensor gate = at::zeros({tokens, n}, z.options());
-  at::Tensor gated = at::empty({tokens, n * r}, z.options());
-  const float* zp = z.data_ptr<float>();
-  const float* vp = values.data_ptr<float>();
-  const int64_t* ip = ids.data_ptr<int64_t>();
-  float* gp = gate.data_ptr<float>();
-  float* out = gated.data_ptr<float>();
-  std::vector<float> weights(k);
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* row = zp + t * width;
-    softmax(vp + t * k, k, weights.data());
-    for (int64_t j = 0; j < k; ++j) gp[t * n + ip[t * k + j]] = weights[j];
-    for (int64_t e = 0; e < n; ++e) {
-      const float g = gp[t * n + e];
-      for (int64_t i = 0; i < r; ++i) out[t * n * r + e * r + i] = row[n + e * r + i] * g;
+  // False once a parameter was changed in place or given new storage since the weights were fused.
+  bool fresh() const {
+    for (size_t i = 0; i < params_.size(); ++i)
+      if (params_[i]._version() != versions_[i] || params_[i].data_ptr() != pointers_[i]) return false;
+    return true;
+  }
+
+  // result [..., out] += the adapter's output for x [..., in]. Returns None when stale (nothing done), else
+  // (result, routing weights or None, chosen experts or None) for the routing telemetry.
+  py::object run(at::Tensor result, const at::Tensor& x) {
+    if (!fresh()) return py::none();
+    at::NoGradGuard no_grad;
+    at::Tensor flat = x.reshape({-1, in_});
+    if (flat.scalar_type() != at::kFloat) flat = flat.to(at::kFloat);
+    flat = flat.contiguous();
+    const bool in_place = result.scalar_type() == at::kFloat && result.is_contiguous();
+    at::Tensor out = in_place ? result.view({-1, out_}) : at::zeros({flat.size(0), out_}, flat.options());
+    at::Tensor weights, ids;
+    step(flat, out, weights, ids);
+    if (!in_place) result = result + out.view(result.sizes()).to(result.scalar_type());
+    return py::make_tuple(result, weights.defined() ? py::cast(weights) : py::none(),
+                          ids.defined() ? py::cast(ids) : py::none());
+  }
+
+ private:
+  void step(const at::Tensor& flat, at::Tensor& out, at::Tensor& weights, at::Tensor& ids) {
+    const int64_t tokens = flat.size(0);
+    auto opts = flat.options();
+    if (method_ == MOELORA) {
+      weights = at::zeros({tokens, n_}, opts);
+      ids = at::empty({tokens, k_}, opts.dtype(at::kLong));
+    } else if (method_ == LORAMOE) {
+      weights = at::empty({tokens, n_}, opts);
+    } else if (method_ == LORACOE) {
+      weights = at::zeros({tokens, r_}, opts);
+    }
+    if (tokens <= SMALL_TOKENS) {
+      std::vector<float> z(up_rows_), c(down_rows_);
+      for (int64_t t = 0; t < tokens; ++t)
+        token_loop(flat.data_ptr<float>() + t * in_, out.data_ptr<float>() + t * out_, z.data(), c.data(),
+                   weights.defined() ? weights.data_ptr<float>() + t * weights.size(1) : nullptr,
+                   ids.defined() ? ids.data_ptr<int64_t>() + t * k_ : nullptr);
+      return;
+    }
+    at::Tensor z = at::mm(flat, up_t_).contiguous();
+    if (method_ == LORA) {
+      out.addmm_(z, down_t_);
+      return;
+    }
+    at::Tensor gated = at::empty({tokens, down_rows_}, opts);
+    const float* zp = z.data_ptr<float>();
+    float* gp = gated.data_ptr<float>();
+    if (method_ == MOELORA) {  // torch's own top-k for many tokens: the eager path's experts, ties included
+      auto top = at::topk(z.narrow(1, 0, n_), k_, /*dim=*/1);
+      ids = std::get<1>(top).contiguous();
+    }
+    float* wp = weights.data_ptr<float>();
+    const int64_t* ip = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+    for (int64_t t = 0; t < tokens; ++t)
+      gate_token(zp + t * up_rows_, gp + t * down_rows_, wp + t * weights.size(1), ip ? ip + t * k_ : nullptr);
+    out.addmm_(gated, down_t_);
+  }
+
+  // gated rank activations c [R] from z [R'] for one token, writing its routing weights (and, MoELoRA, using
+  // the chosen ids already in `chosen`)
+  void gate_token(const float* z, float* c, float* weights, const int64_t* chosen) const {
+    switch (method_) {
+      case LORA:
+        std::copy(z, z + down_rows_, c);
+        break;
+      case MOELORA: {  // z = [router logits (n) | expert e's ranks (n blocks of r)]
+        std::vector<float> top(k_), w(k_);
+        for (int64_t j = 0; j < k_; ++j) top[j] = z[chosen[j]];
+        softmax(top.data(), k_, w.data());
+        for (int64_t j = 0; j < k_; ++j) weights[chosen[j]] = w[j];
+        for (int64_t e = 0; e < n_; ++e)
+          for (int64_t i = 0; i < r_; ++i) c[e * r_ + i] = z[n_ + e * r_ + i] * weights[e];
+        break;
+      }
+      case LORAMOE: {  // z = [ranks (n experts x r/n) | router logits (n)]; dense softmax gate
+        const int64_t per = r_ / n_;
+        softmax(z + r_, n_, weights);
+        for (int64_t e = 0; e < n_; ++e)
+          for (int64_t i = 0; i < per; ++i) c[e * per + i] = z[e * per + i] * weights[e];
+        break;
+      }
+      case LORACOE: {  // z = [ranks (r) | router (e experts x r)]; mean over experts of the softmax over ranks
+        std::vector<float> p(r_);
+        for (int64_t i = 0; i < n_; ++i) {
+          softmax(z + r_ + i * r_, r_, p.data());
+          for (int64_t j = 0; j < r_; ++j) weights[j] += p[j];
+        }
+        for (int64_t j = 0; j < r_; ++j) {
+          weights[j] /= static_cast<float>(n_);
+          c[j] = z[j] * weights[j];
+        }
+        break;
+      }
     }
   }
-  result2d.addmm_(gated, down_t);
-  return {gate, ids};
-}
 
-// LoRAMoE: z = [ranks (n experts x r/n) | router logits (n)]; dense softmax gate. Returns probabilities [T, n].
-at::Tensor loramoe(at::Tensor result2d, const at::Tensor& flat, const at::Tensor& up_t, const at::Tensor& down_t,
-                   int64_t n, int64_t r) {
-  at::NoGradGuard no_grad;
-  at::Tensor z = up_matmul(flat, up_t);
-  const int64_t tokens = z.size(0), width = z.size(1), per = r / n;
-  TORCH_CHECK(width == r + n && per * n == r, "z has ", width, " columns, expected r + n = ", r + n);
-  at::Tensor probs = at::empty({tokens, n}, z.options());
-  at::Tensor gated = at::empty({tokens, r}, z.options());
-  const float* zp = z.data_ptr<float>();
-  float* pp = probs.data_ptr<float>();
-  float* out = gated.data_ptr<float>();
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* row = zp + t * width;
-    float* p = pp + t * n;
-    softmax(row + r, n, p);
-    for (int64_t e = 0; e < n; ++e)
-      for (int64_t i = 0; i < per; ++i) out[t * r + e * per + i] = row[e * per + i] * p[e];
-  }
-  result2d.addmm_(gated, down_t);
-  return probs;
-}
-
-// LoRACoE (joint stage): z = [ranks (r) | router (e experts x r)]; rank weights = mean over experts of each
-// expert's softmax over the ranks (the composition factor is folded into down_t). Returns weights [T, r].
-at::Tensor loracoe(at::Tensor result2d, const at::Tensor& flat, const at::Tensor& up_t, const at::Tensor& down_t,
-                   int64_t e, int64_t r) {
-  at::NoGradGuard no_grad;
-  at::Tensor z = up_matmul(flat, up_t);
-  const int64_t tokens = z.size(0), width = z.size(1);
-  TORCH_CHECK(width == r + e * r, "z has ", width, " columns, expected r + e*r = ", r + e * r);
-  at::Tensor weights = at::zeros({tokens, r}, z.options());
-  at::Tensor gated = at::empty({tokens, r}, z.options());
-  const float* zp = z.data_ptr<float>();
-  float* wp = weights.data_ptr<float>();
-  float* out = gated.data_ptr<float>();
-  std::vector<float> p(r);
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* row = zp + t * width;
-    float* w = wp + t * r;
-    for (int64_t i = 0; i < e; ++i) {
-      softmax(row + r + i * r, r, p.data());
-      for (int64_t j = 0; j < r; ++j) w[j] += p[j];
+  // one token without BLAS: MoELoRA routes first and then reads only its chosen experts' rows
+  void token_loop(const float* x, float* out, float* z, float* c, float* weights, int64_t* chosen) const {
+    const float* up = up_.data_ptr<float>();
+    const float* down = down_t_.data_ptr<float>();
+    if (method_ != MOELORA) {
+      rows_dot(x, up, up_rows_, in_, z);
+      gate_token(z, c, weights, chosen);
+      rows_axpy(c, down, down_rows_, out_, out);
+      return;
     }
-    for (int64_t j = 0; j < r; ++j) {
-      w[j] /= static_cast<float>(e);
-      out[t * r + j] = row[j] * w[j];
+    rows_dot(x, up, n_, in_, z);  // the router's n logits
+    if (!top_k(z, n_, k_, chosen)) {
+      auto top = at::topk(at::from_blob(z, {n_}, at::kFloat), k_);
+      const int64_t* ip = std::get<1>(top).data_ptr<int64_t>();
+      std::copy(ip, ip + k_, chosen);
+    }
+    std::vector<float> top(k_), w(k_);
+    for (int64_t j = 0; j < k_; ++j) top[j] = z[chosen[j]];
+    softmax(top.data(), k_, w.data());
+    for (int64_t j = 0; j < k_; ++j) {
+      const int64_t e = chosen[j];
+      weights[e] = w[j];
+      float* ze = z + n_ + e * r_;
+      rows_dot(x, up + (n_ + e * r_) * in_, r_, in_, ze);
+      for (int64_t i = 0; i < r_; ++i) ze[i] *= w[j];
+      rows_axpy(ze, down + e * r_ * out_, r_, out_, out);
     }
   }
-  result2d.addmm_(gated, down_t);
-  return weights;
-}
+
+  int64_t method_;
+  at::Tensor up_, up_t_, down_t_;
+  std::vector<at::Tensor> params_;
+  std::vector<int64_t> versions_;
+  std::vector<const void*> pointers_;
+  int64_t n_, r_, k_, in_ = 0, out_ = 0, up_rows_ = 0, down_rows_ = 0;
+};
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lora", &lora, "LoRA decode: result2d += (flat @ up_t) @ down_t");
-  m.def("moelora", &moelora, "MoELoRA decode (top-k routing); returns (gate, top ids)");
-  m.def("loramoe", &loramoe, "LoRAMoE decode (dense softmax gate); returns probabilities");
-  m.def("loracoe", &loracoe, "LoRACoE decode (rank composition); returns rank weights");
+  m.attr("SMALL_TOKENS") = SMALL_TOKENS;
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init<int64_t, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, int64_t, int64_t,
+                    int64_t>(),
+           py::arg("method"), py::arg("up"), py::arg("up_t"), py::arg("down_t"), py::arg("params"), py::arg("n"),
+           py::arg("r"), py::arg("k"))
+      .def("fresh", &Decoder::fresh, "False once a parameter changed since the weights were fused")
+      .def("run", &Decoder::run, py::arg("result"), py::arg("x"),
+           "result += adapter(x) in place where it can; (result, routing weights, chosen) or None when stale");
 }

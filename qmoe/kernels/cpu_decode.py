@@ -1,9 +1,11 @@
-"""qmoe's CPU inference kernels (``cpu_decode.cpp``): each adapter layer's eval-mode forward in one call.
+"""qmoe's CPU inference kernels (``cpu_decode.cpp``): each adapted layer's eval-mode adapter step in one call.
 
-Why: at decode time a CPU spends an adapter layer's time on per-op overhead, not arithmetic (BENCHMARKS.md,
-"Generation with adapters attached"): ~15 eager ops per MoELoRA layer, each slower right after bitsandbytes'
-4-bit kernel. The C++ functions do the same up-matmul, routing and in-place down-matmul as the layers' eager
-fast path (their reference, ``AdapterLayer.forward_inference``) in one call.
+Why: at decode time a CPU spends an adapter layer's time on per-op overhead and memory traffic, not arithmetic
+(BENCHMARKS.md, "Generation with adapters attached"): ~15 eager ops per MoELoRA layer, each several times
+slower right after bitsandbytes' 4-bit kernel. A ``Decoder`` (one per layer, holding its fused weights) does
+the same up-matmul, routing and in-place down-matmul as the eager fast path (its reference,
+:class:`qmoe.tuners.base.EagerDecoder`) in one call; for a few tokens without BLAS, and for MoELoRA reading
+only the chosen experts' weights.
 
 How it is had: compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``; about
 30 s once, then loaded from torch's extension cache, ``$TORCH_EXTENSIONS_DIR``), and self-checked against the
@@ -37,7 +39,8 @@ def _build() -> ModuleType:
 
     # the source's hash is part of torch's cache key: an edited kernel is rebuilt, an unchanged one loaded
     log.info("loading qmoe's CPU inference kernels (built on first use: about 30 s, then cached)")
-    return load(name=_NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+    # -fopenmp-simd: the loops' `omp simd` reductions vectorise (no OpenMP runtime, no threads)
+    return load(name=_NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
 
 
 def kernels() -> ModuleType | None:
@@ -92,14 +95,17 @@ _CHECK_CONFIGS = {
     "loramoe": dict(method="loramoe", r=16, num_experts=4),
     "loracoe": dict(method="loracoe", r=16, num_experts=2, stage="joint"),
 }
+# token counts: one (decode), a few (the loops' upper end), many (BLAS); the last row of each is all zeros
+# (a padding token: every router logit ties)
+_CHECK_TOKENS = (1, 3, 37)
 
 
 def check(module: ModuleType) -> str | None:
-    """Run every method's kernel once on random weights and inputs (1 and 37 tokens) against the layer's eager
-    inference step: None when outputs and routing telemetry all match."""
+    """Run every method's Decoder on random weights and inputs against the layer's eager decoder: None when
+    outputs and routing telemetry all match."""
     from ..config import AdapterConfig
     from ..tuners import layer_class
-    from ..tuners.base import AdapterContext
+    from ..tuners.base import METHOD_IDS, AdapterContext, EagerDecoder
 
     g = torch.Generator().manual_seed(0)  # a private generator: the check never moves the caller's RNG
     with torch.no_grad():
@@ -108,25 +114,29 @@ def check(module: ModuleType) -> str | None:
             for p in layer.parameters():
                 p.copy_(torch.randn(p.shape, generator=g))
             layer.eval()
-            up, down = layer.fused_weights()  # (not inference_weights: it would ask for these kernels)
+            up, down = layer.fused_weights()  # (not inference_decoder: it would ask for these kernels)
             up_t, down_t = up.t().contiguous(), down.t().contiguous()
-            for tokens in (1, 37):
+            params = [layer._parameters[name] for name in layer.adapter_param_names]
+            kind, n, r, k = layer.decoder_spec()
+            decoder = module.Decoder(METHOD_IDS[kind], up.contiguous(), up_t, down_t, params, n, r, k)
+            eager = EagerDecoder(layer, up_t, down_t, params)
+            for tokens in _CHECK_TOKENS:
                 x = torch.randn(1, tokens, 24, generator=g)
-                flat, base = x.reshape(tokens, 24), torch.randn(tokens, 20, generator=g)
-                got, expected = base.clone(), base.clone()
-                layer.inference_step(got, flat, up_t, down_t, x, module)
-                ran = layer._routing_pending
-                layer.inference_step(expected, flat, up_t, down_t, x, None)
+                x[0, -1] = 0.0
+                base = torch.randn(1, tokens, 20, generator=g)
+                got, expected = decoder.run(base.clone(), x), eager.run(base.clone(), x)
                 try:
-                    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-                    if ran is not None:
-                        reference = layer._routing_pending
-                        torch.testing.assert_close(ran[0], reference[0], rtol=1e-5, atol=1e-6)
-                        if ran[2] is not None:
-                            assert torch.equal(ran[2], reference[2]), "the chosen experts differ"
+                    torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-4)
+                    if expected[1] is not None:
+                        torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
+                    if expected[2] is not None:
+                        assert torch.equal(got[2], expected[2]), "the chosen experts differ"
                 except AssertionError as exc:
                     detail = " ".join(str(exc).split())[:300]
                     return f"the {method} kernel differs from the eager path ({tokens} tokens: {detail})"
+            params[0].add_(1.0)  # an in-place change (an optimizer step) must make the decoder stale
+            if decoder.run(base.clone(), x) is not None:
+                return f"the {method} kernel does not notice a changed parameter"
     return None
 
 

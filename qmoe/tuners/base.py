@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ class AdapterContext:
 
     attention_mask: torch.Tensor | None = None  # [batch, seq] of the current forward, or None
     trace: bool = False  # record per-token routing (inference telemetry)
+    # the kernel backend (qmoe.kernels.requested_backend) read once per model forward instead of once per layer
+    # call; None outside a model forward (a layer called on its own asks requested_backend itself)
+    backend: str | None = None
 
 
 def in_recomputation() -> bool:
@@ -108,9 +111,9 @@ class AdapterLayer(nn.Module):
         self._routing_pending: tuple | None = None
         self._telemetry: tuple[torch.Tensor | None, torch.Tensor | None, int] = (None, None, 0)
         self.trace_records: list[dict] = []
-        # inference fast path: (key, fused weights) built from the adapter parameters, rebuilt when they change
-        self._inference_cache: tuple | None = None
-        self._cpu_kernels: ModuleType | None = None  # qmoe.kernels.cpu_decode where it serves these weights
+        # inference fast path: (kernel backend, decoder) with the weights fused from the adapter parameters; the
+        # decoder says when they changed (run() returns None) and is rebuilt
+        self._inference_cache: tuple[str, Decoder] | None = None
         # auxiliary losses of the last training forward, by name: tensors in the graph, or zero-argument callables
         # that compute one when first asked (aux_losses), outside gradient checkpointing's recomputed region
         self.aux: dict[str, torch.Tensor | Callable[[], torch.Tensor]] = {}
@@ -129,11 +132,6 @@ class AdapterLayer(nn.Module):
         """Bool mask over the flattened tokens of ``x`` ([..., seq, in]) that are not padding, or None."""
         return _valid_mask(self.context.attention_mask, x.shape, x.device)
 
-    def deferred_valid_mask(self, x: torch.Tensor) -> Callable[[], torch.Tensor | None] | None:
-        """:meth:`valid_token_mask` for record_routing, computed only if the telemetry is read."""
-        mask, shape, device = self.context.attention_mask, x.shape, x.device
-        return None if mask is None else (lambda: _valid_mask(mask, shape, device))
-
     def record_routing(
         self, weights: torch.Tensor, valid: torch.Tensor | None, chosen: torch.Tensor | None = None
     ) -> None:
@@ -144,7 +142,7 @@ class AdapterLayer(nn.Module):
         token-slots per expert. Without it (dense methods) a token counts for its most weighted expert and
         ``load`` is the mean weight. Padding (``valid`` False) is excluded; traces keep every token.
         """
-        if not torch.is_grad_enabled():  # (inference: nothing to detach; checked first, it is the hot path)
+        if not torch.is_grad_enabled():  # (no autograd: nothing to detach)
             self._routing_pending = (weights, valid, chosen)
             if self.context.trace:
                 # kept on the device; qmoe.routing moves traces to the CPU when read (no sync per layer and token)
@@ -154,7 +152,6 @@ class AdapterLayer(nn.Module):
         # no meta kernel
         if in_recomputation() or weights.device.type == "meta":
             return
-        # ``valid`` may be a zero-argument callable (the fast path defers even the padding mask)
         self._routing_pending = (weights.detach(), valid, None if chosen is None else chosen.detach())
 
     def _routing_telemetry(self) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
@@ -162,8 +159,8 @@ class AdapterLayer(nn.Module):
         if self._routing_pending is not None:
             weights, valid, chosen = self._routing_pending
             self._routing_pending = None
-            if callable(valid):
-                valid = valid()
+            if isinstance(valid, tuple):  # (attention mask, input shape): the fast path's deferred padding mask
+                valid = _valid_mask(valid[0], valid[1], weights.device)
             with torch.no_grad():
                 experts = weights.shape[-1]
                 w = weights if valid is None else weights[valid]
@@ -204,9 +201,25 @@ class AdapterLayer(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if _fast_inference and not self.training and not torch.is_grad_enabled():
-            return self.forward_inference(x, *args, **kwargs)
-        return self.forward_reference(x, *args, **kwargs)
+        if not _fast_inference or self.training or torch.is_grad_enabled():
+            return self.forward_reference(x, *args, **kwargs)
+        # The inference fast path: the same function as forward_reference up to float rounding, with the weights
+        # fused once, no dropout, the adapter's output added into the base layer's result in place. Written
+        # inline and short: at decode time every line here runs per adapted layer per token, several times
+        # slower than in isolation because bitsandbytes' kernel has just evicted the caches (BENCHMARKS.md).
+        result = self.base_layer(x, *args, **kwargs)
+        ctx = self.context
+        backend = ctx.backend or requested_backend()
+        cache = self._inference_cache
+        ran = cache[1].run(result, x) if cache is not None and cache[0] == backend else None
+        if ran is None:  # first call, a parameter changed (optimizer step, load), or another kernel backend
+            ran = self.inference_decoder(backend).run(result, x)
+        if ran[1] is not None:
+            # record_routing's inference branch, inlined; __dict__ skips nn.Module.__setattr__'s lookups
+            self.__dict__["_routing_pending"] = (ran[1], (ctx.attention_mask, x.shape), ran[2])
+            if ctx.trace:
+                self.trace_records.append({"weights": ran[1]})
+        return ran[0]
 
     def forward_reference(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The training code path (autograd, dropout, auxiliary losses); any mode."""
@@ -224,38 +237,17 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     # ---- inference fast path ----------------------------------------------------------------------------
-    def forward_inference(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Eval-mode no-grad forward: the same function as :meth:`forward_reference` (up to float rounding)
-        with the weights fused once (:meth:`inference_weights`), no dropout, and the output matmul added
-        into the base layer's result in place (:meth:`inference_step`)."""
-        result = self.base_layer(x, *args, **kwargs)
-        up_t, down_t = self.inference_weights()
-        flat = x.reshape(-1, self.in_features)
-        if flat.dtype != up_t.dtype:
-            flat = flat.to(up_t.dtype)
-        if result.dtype == up_t.dtype and result.is_contiguous():
-            self.inference_step(result.view(-1, self.out_features), flat, up_t, down_t, x, self._cpu_kernels)
-            return result
-        delta = flat.new_zeros(flat.shape[0], self.out_features)
-        self.inference_step(delta, flat, up_t, down_t, x, self._cpu_kernels)
-        return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype)
-
+    # What a method defines: fused_weights (its weights for the fast path), inference_step (its eager step) and
+    # decoder_spec (how qmoe's CPU kernel runs it). The Decoder (qmoe.kernels.cpu_decode on float32 CPU weights,
+    # EagerDecoder otherwise) holds the fused weights and runs them.
     def inference_step(
-        self,
-        out: torch.Tensor,
-        flat: torch.Tensor,
-        up_t: torch.Tensor,
-        down_t: torch.Tensor,
-        x: torch.Tensor,
-        kernels: ModuleType | None,
-    ) -> None:
-        """``out`` [T, out] += the adapter's output for ``flat`` [T, in] (routing telemetry recorded here):
-        one call of qmoe's CPU kernel where ``kernels`` is given, else eager PyTorch (its reference). By
-        default LoRA's: out += (flat @ A^T) @ (s B)^T."""
-        if kernels is not None:
-            kernels.lora(out, flat, up_t, down_t)
-        else:
-            out.addmm_(torch.mm(flat, up_t), down_t)
+        self, out: torch.Tensor, flat: torch.Tensor, up_t: torch.Tensor, down_t: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``out`` [T, out] += the adapter's output for ``flat`` [T, in], in eager PyTorch (the reference of
+        qmoe's CPU kernel); returns (routing weights [T, E] or None, chosen experts [T, k] or None) for the
+        telemetry. By default LoRA's: out += (flat @ A^T) @ (s B)^T."""
+        out.addmm_(torch.mm(flat, up_t), down_t)
+        return None, None
 
     def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(up [R', in], down [out, R]) for the fast path, built from the parameters: by default LoRA's A and
@@ -263,33 +255,85 @@ class AdapterLayer(nn.Module):
         ``down``."""
         return self.lora_A.detach(), self.lora_B.detach() * self.scale
 
-    def inference_key(self) -> tuple:
-        """What the fused weights depend on: the kernel backend, each parameter's storage and in-place version
-        (optimizer steps, load_state_dict and copy_ bump it; a move to another device is a new storage) and
-        dtype, plus what subclasses add (e.g. LoRACoE's stage)."""
-        params = self._parameters  # (not getattr: nn.Module's __getattr__ is slow on this per-token path)
-        return (
-            requested_backend(),
-            *[(params[n].data_ptr(), params[n]._version, params[n].dtype) for n in self.adapter_param_names],
-        )
+    def decoder_spec(self) -> tuple[str, int, int, int]:
+        """(method, n, r, k) of qmoe's CPU kernel for :meth:`fused_weights`: the routing between its two matmuls
+        (``lora``: none) and its shape (experts, rank, top-k)."""
+        return "lora", 0, 0, 0
 
-    def inference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(up^T [in, R'], down^T [R, out]), both contiguous (a transposed view sends a small CPU matmul down a
-        path ~10x slower), cached until :meth:`inference_key` changes."""
-        key = self.inference_key()
-        cache = self._inference_cache
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                up, down = self.fused_weights()
-                cache = self._inference_cache = (key, (up.t().contiguous(), down.t().contiguous()))
-                self._cpu_kernels = cpu_kernels_for(cache[1][0])
-        return cache[1]
+    def inference_decoder(self, backend: str) -> Decoder:
+        """The decoder for the current parameters and kernel backend, built now and cached until a parameter
+        changes: qmoe's CPU kernel for float32 CPU weights under ``auto``, else :class:`EagerDecoder`. Its
+        weights are contiguous (a transposed view sends a small CPU matmul down a path ~10x slower)."""
+        with torch.no_grad():
+            up, down = self.fused_weights()
+            up_t, down_t = up.t().contiguous(), down.t().contiguous()
+            params = [self._parameters[name] for name in self.adapter_param_names]
+            kernels = cpu_kernels_for(up) if backend == "auto" else None
+            if kernels is not None:
+                method, n, r, k = self.decoder_spec()
+                decoder = kernels.Decoder(METHOD_IDS[method], up.contiguous(), up_t, down_t, params, n, r, k)
+            else:
+                decoder = EagerDecoder(self, up_t, down_t, params)
+        self._inference_cache = (backend, decoder)
+        return decoder
+
+    def _drop_inference_cache(self) -> None:
+        self.__dict__["_inference_cache"] = None  # (also called from register_parameter during __init__)
 
     def train(self, mode: bool = True) -> AdapterLayer:
-        self._inference_cache = None  # back to training: the parameters will change; free the fused copy
+        self._drop_inference_cache()  # back to training: the parameters will change; free the fused copy
         return super().train(mode)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        # a parameter replaced by another object (setattr, load_state_dict(assign=True)): the decoder holds the
+        # old one, whose version no longer says anything
+        self._drop_inference_cache()
+        super().register_parameter(name, param)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._drop_inference_cache()  # .to(), .half(), .cuda(): new tensors, maybe new Parameter objects
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         c = self.config
         extra = f", experts={c.num_experts}" if c.num_experts else ""
         return f"method={c.method}, r={c.r}, alpha={c.alpha}{extra}"
+
+
+class Decoder(Protocol):
+    """What :meth:`AdapterLayer.inference_decoder` returns: one layer's fused weights, run per forward."""
+
+    def run(
+        self, result: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        """``result`` (the frozen layer's output) plus the adapter's output for ``x``, in place where it can:
+        (result, routing weights or None, chosen experts or None), or None, doing nothing, when a parameter
+        changed since the weights were fused."""
+
+
+# qmoe.kernels.cpu_decode's method numbers (the C++ enum)
+METHOD_IDS = {"lora": 0, "moelora": 1, "loramoe": 2, "loracoe": 3}
+
+
+class EagerDecoder:
+    """The fast path in eager PyTorch: the layer's :meth:`~AdapterLayer.inference_step` on the fused weights,
+    for CUDA (where the step may call a Triton kernel), other dtypes, ``QMOE_KERNELS=torch``, or when qmoe's CPU
+    kernels cannot be had; the reference they are tested against."""
+
+    def __init__(self, layer: AdapterLayer, up_t: torch.Tensor, down_t: torch.Tensor, params: list[nn.Parameter]):
+        self.step, self.up_t, self.down_t, self.params = layer.inference_step, up_t, down_t, params
+        self.in_features, self.out_features = up_t.shape[0], down_t.shape[1]
+        self.stamp = [(p._version, p.data_ptr()) for p in params]
+
+    def run(self, result: torch.Tensor, x: torch.Tensor):
+        if [(p._version, p.data_ptr()) for p in self.params] != self.stamp:
+            return None
+        up_t = self.up_t
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != up_t.dtype:
+            flat = flat.to(up_t.dtype)
+        if result.dtype == up_t.dtype and result.is_contiguous():
+            return result, *self.step(result.view(-1, self.out_features), flat, up_t, self.down_t)
+        delta = flat.new_zeros(flat.shape[0], self.out_features)
+        telemetry = self.step(delta, flat, up_t, self.down_t)
+        return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype), *telemetry

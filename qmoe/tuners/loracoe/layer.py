@@ -44,6 +44,7 @@ class LoraCoELayer(AdapterLayer):
 
     def set_stage(self, stage: str) -> None:
         self.stage = stage
+        self._drop_inference_cache()  # the fast path's weights and routing differ by stage
         self.router.requires_grad_(stage == "joint")
 
     def delta(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -55,10 +56,7 @@ class LoraCoELayer(AdapterLayer):
         self.record_routing(weights, valid)  # the "experts" of LoRACoE's telemetry are its r ranks
         return F.linear(gated, self.lora_B) * self.scale
 
-    # -- inference fast path (AdapterLayer.forward_inference) ---------------------------------------------
-    def inference_key(self) -> tuple:
-        return (*super().inference_key(), self.stage)
-
+    # -- inference fast path (AdapterLayer.forward) ------------------------------------------------------
     def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.stage == "warmup":
             return super().fused_weights()
@@ -67,21 +65,22 @@ class LoraCoELayer(AdapterLayer):
         up = torch.cat([self.lora_A, self.router], 0).detach()
         return up, self.lora_B.detach() * (self.scale * self.composition_factor)
 
-    def inference_step(self, out, flat, up_t, down_t, x, kernels) -> None:
+    def decoder_spec(self) -> tuple[str, int, int, int]:
         if self.stage == "warmup":
-            super().inference_step(out, flat, up_t, down_t, x, kernels)
-            return
-        e, r = self.config.num_experts, self.config.r
-        if kernels is not None:
-            weights = kernels.loracoe(out, flat, up_t, down_t, e, r)
-        else:
-            z = torch.mm(flat, up_t)
-            if self._inference_backend == "triton":  # one fused kernel instead of the ops below (CUDA decode)
-                from ...kernels.triton_kernels import loracoe_forward
+            return super().decoder_spec()
+        return "loracoe", self.config.num_experts, self.config.r, 0
 
-                gated, weights = loracoe_forward(z, e, r, 1.0)
-            else:
-                weights = torch.softmax(z[:, r:].view(-1, e, r).float(), dim=-1).mean(1)
-                gated = z[:, :r] * weights.to(z.dtype)
-            out.addmm_(gated, down_t)
-        self.record_routing(weights, self.deferred_valid_mask(x))
+    def inference_step(self, out, flat, up_t, down_t):
+        if self.stage == "warmup":
+            return super().inference_step(out, flat, up_t, down_t)
+        e, r = self.config.num_experts, self.config.r
+        z = torch.mm(flat, up_t)
+        if self._inference_backend == "triton":  # one fused kernel instead of the ops below (CUDA decode)
+            from ...kernels.triton_kernels import loracoe_forward
+
+            gated, weights = loracoe_forward(z, e, r, 1.0)
+        else:
+            weights = torch.softmax(z[:, r:].view(-1, e, r).float(), dim=-1).mean(1)
+            gated = z[:, :r] * weights.to(z.dtype)
+        out.addmm_(gated, down_t)
+        return weights, None

@@ -46,16 +46,16 @@ class LoraMoELayer(AdapterLayer):
         gated = h * probs.repeat_interleave(r // n, dim=-1)
         return F.linear(gated, self.lora_B) * self.scale
 
-    # -- inference fast path (AdapterLayer.forward_inference) ---------------------------------------------
+    # -- inference fast path (AdapterLayer.forward) ------------------------------------------------------
     def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat([self.lora_A, self.router], 0).detach(), self.lora_B.detach() * self.scale
 
-    def inference_step(self, out, flat, up_t, down_t, x, kernels) -> None:
+    def decoder_spec(self) -> tuple[str, int, int, int]:
+        return "loramoe", self.config.num_experts, self.config.r, 0
+
+    def inference_step(self, out, flat, up_t, down_t):
         n, r = self.config.num_experts, self.config.r
-        if kernels is not None:
-            probs = kernels.loramoe(out, flat, up_t, down_t, n, r)
-        else:
-            z = torch.mm(flat, up_t)
-            probs = torch.softmax(z[:, r:].float(), dim=-1).to(z.dtype)
-            out.addmm_((z[:, :r].view(-1, n, r // n) * probs.unsqueeze(2)).view(-1, r), down_t)
-        self.record_routing(probs, self.deferred_valid_mask(x))
+        z = torch.mm(flat, up_t)
+        probs = torch.softmax(z[:, r:].float(), dim=-1).to(z.dtype)
+        out.addmm_((z[:, :r].view(-1, n, r // n) * probs.unsqueeze(2)).view(-1, r), down_t)
+        return probs, None

@@ -85,30 +85,31 @@ class MoELoraLayer(AdapterLayer):
             self._aux_losses(z, probs, top_ids, valid)
         return out
 
-    # -- inference fast path (AdapterLayer.forward_inference) ---------------------------------------------
+    # -- inference fast path (AdapterLayer.forward) ------------------------------------------------------
     def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         self._inference_backend = backend_for(self.lora_A, "moelora", (c.num_experts, c.r, c.top_k))
         return torch.cat([self.router, self.lora_A], 0).detach(), self.lora_B.detach() * self.scale
 
-    def inference_step(self, out, flat, up_t, down_t, x, kernels) -> None:
+    def decoder_spec(self) -> tuple[str, int, int, int]:
+        c = self.config
+        return "moelora", c.num_experts, c.r, c.top_k
+
+    def inference_step(self, out, flat, up_t, down_t):
         c = self.config
         n, r = c.num_experts, c.r
-        if kernels is not None:
-            gate, top_ids = kernels.moelora(out, flat, up_t, down_t, n, r, c.top_k)
-        else:
-            z = torch.mm(flat, up_t)
-            if self._inference_backend == "triton":  # one fused kernel instead of the ops below (CUDA decode)
-                from ...kernels.triton_kernels import moelora_forward
+        z = torch.mm(flat, up_t)
+        if self._inference_backend == "triton":  # one fused kernel instead of the ops below (CUDA decode)
+            from ...kernels.triton_kernels import moelora_forward
 
-                gated, _, top_ids, gate = moelora_forward(z, n, r, c.top_k)
-            else:
-                # the renormalised top-k of softmax(logits) is the softmax of the top-k logits (same ids: monotone)
-                top_logits, top_ids = z[:, :n].float().topk(c.top_k, dim=-1)
-                gate = z.new_zeros(z.shape[0], n, dtype=torch.float32).scatter_(1, top_ids, top_logits.softmax(-1))
-                gated = (z[:, n:].view(-1, n, r) * gate.to(z.dtype).unsqueeze(2)).view(-1, n * r)
-            out.addmm_(gated, down_t)
-        self.record_routing(gate, self.deferred_valid_mask(x), chosen=top_ids)
+            gated, _, top_ids, gate = moelora_forward(z, n, r, c.top_k)
+        else:
+            # the renormalised top-k of softmax(logits) is the softmax of the top-k logits (same ids: monotone)
+            top_logits, top_ids = z[:, :n].float().topk(c.top_k, dim=-1)
+            gate = z.new_zeros(z.shape[0], n, dtype=torch.float32).scatter_(1, top_ids, top_logits.softmax(-1))
+            gated = (z[:, n:].view(-1, n, r) * gate.to(z.dtype).unsqueeze(2)).view(-1, n * r)
+        out.addmm_(gated, down_t)
+        return gate, top_ids
 
     # -- auxiliary losses ---------------------------------------------------------------------------------
     def _aux_losses(self, z, probs, top_ids, valid) -> None:
