@@ -116,7 +116,7 @@ def test_moelora_decoding_reads_only_the_chosen_experts(tiny_4bit):
         layer.lora_A[unchosen * r : (unchosen + 1) * r] = float("nan")
         assert torch.isfinite(layer(x)).all()
         assert runs_the_kernel(layer)  # (rebuilt after the change: the router and the chosen experts are intact)
-        many = x.expand(1, 9, -1).contiguous()  # more tokens than the loops take: BLAS over every expert
+        many = x.expand(1, cpu_decode.LOOP_TOKENS["moelora"] + 1, -1).contiguous()  # past the loops: BLAS, all
         assert torch.isnan(layer(many)).any()
 
 

@@ -10,7 +10,7 @@
 //   result += down_t^T @ gated       (in place, into the frozen layer's output)
 //
 // which is what AdapterLayer.forward_inference does in eager PyTorch for each method (qmoe/tuners/*/layer.py,
-// the reference these are tested against). Up to SMALL_TOKENS tokens it runs hand-written loops over the
+// the reference these are tested against). Up to `loop_tokens` tokens per call it runs hand-written loops over the
 // weight rows (no BLAS call, no dispatch) and MoELoRA reads only the k chosen experts' A rows and B rows
 // (k/n of its adapter weights: the decode-time saving the top-k router promises); more tokens (prefill,
 // large batches) take one BLAS matmul each side. float32 CPU tensors only; the Python side checks.
@@ -25,7 +25,6 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int64_t SMALL_TOKENS = 4;  // tokens per call up to which the loops beat a BLAS call (BENCHMARKS.md)
 
 enum Method : int64_t { LORA = 0, MOELORA = 1, LORAMOE = 2, LORACOE = 3 };
 
@@ -110,9 +109,18 @@ class Decoder {
  public:
   // up [R', in] and up_t (its contiguous transpose), down_t [R, out] (scales folded in), float32 contiguous;
   // params: the adapter parameters the weights were built from (in-place changes make this decoder stale).
+  // loop_tokens: up to this many tokens per call the loops run, more take BLAS
   Decoder(int64_t method, at::Tensor up, at::Tensor up_t, at::Tensor down_t, std::vector<at::Tensor> params,
-          int64_t n, int64_t r, int64_t k)
-      : method_(method), up_(up), up_t_(up_t), down_t_(down_t), params_(std::move(params)), n_(n), r_(r), k_(k) {
+          int64_t n, int64_t r, int64_t k, int64_t loop_tokens)
+      : method_(method),
+        up_(up),
+        up_t_(up_t),
+        down_t_(down_t),
+        params_(std::move(params)),
+        n_(n),
+        r_(r),
+        k_(k),
+        loop_tokens_(loop_tokens) {
     TORCH_CHECK(up.scalar_type() == at::kFloat && down_t.scalar_type() == at::kFloat, "float32 weights only");
     TORCH_CHECK(up.is_contiguous() && up_t.is_contiguous() && down_t.is_contiguous(), "contiguous weights only");
     in_ = up.size(1), out_ = down_t.size(1), up_rows_ = up.size(0), down_rows_ = down_t.size(0);
@@ -160,10 +168,10 @@ class Decoder {
     } else if (method_ == LORACOE) {
       weights = at::zeros({tokens, r_}, opts);
     }
-    if (tokens <= SMALL_TOKENS) {
-      std::vector<float> z(up_rows_), c(down_rows_);
+    if (tokens <= loop_tokens_) {
+      std::vector<float> z(up_rows_), c(down_rows_), scratch(2 * std::max(k_, r_));
       for (int64_t t = 0; t < tokens; ++t)
-        token_loop(flat.data_ptr<float>() + t * in_, out.data_ptr<float>() + t * out_, z.data(), c.data(),
+        token_loop(flat.data_ptr<float>() + t * in_, out.data_ptr<float>() + t * out_, z.data(), c.data(), scratch.data(),
                    weights.defined() ? weights.data_ptr<float>() + t * weights.size(1) : nullptr,
                    ids.defined() ? ids.data_ptr<int64_t>() + t * k_ : nullptr);
       return;
@@ -182,22 +190,25 @@ class Decoder {
     }
     float* wp = weights.data_ptr<float>();
     const int64_t* ip = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+    std::vector<float> scratch(2 * std::max(k_, r_));
     for (int64_t t = 0; t < tokens; ++t)
-      gate_token(zp + t * up_rows_, gp + t * down_rows_, wp + t * weights.size(1), ip ? ip + t * k_ : nullptr);
+      gate_token(zp + t * up_rows_, gp + t * down_rows_, wp + t * weights.size(1), ip ? ip + t * k_ : nullptr,
+                 scratch.data());
     out.addmm_(gated, down_t_);
   }
 
   // gated rank activations c [R] from z [R'] for one token, writing its routing weights (and, MoELoRA, using
   // the chosen ids already in `chosen`)
-  void gate_token(const float* z, float* c, float* weights, const int64_t* chosen) const {
+  // (scratch: 2 * max(k, r) floats)
+  void gate_token(const float* z, float* c, float* weights, const int64_t* chosen, float* scratch) const {
     switch (method_) {
       case LORA:
         std::copy(z, z + down_rows_, c);
         break;
       case MOELORA: {  // z = [router logits (n) | expert e's ranks (n blocks of r)]
-        std::vector<float> top(k_), w(k_);
+        float *top = scratch, *w = scratch + k_;
         for (int64_t j = 0; j < k_; ++j) top[j] = z[chosen[j]];
-        softmax(top.data(), k_, w.data());
+        softmax(top, k_, w);
         for (int64_t j = 0; j < k_; ++j) weights[chosen[j]] = w[j];
         for (int64_t e = 0; e < n_; ++e)
           for (int64_t i = 0; i < r_; ++i) c[e * r_ + i] = z[n_ + e * r_ + i] * weights[e];
@@ -211,9 +222,9 @@ class Decoder {
         break;
       }
       case LORACOE: {  // z = [ranks (r) | router (e experts x r)]; mean over experts of the softmax over ranks
-        std::vector<float> p(r_);
+        float* p = scratch;
         for (int64_t i = 0; i < n_; ++i) {
-          softmax(z + r_ + i * r_, r_, p.data());
+          softmax(z + r_ + i * r_, r_, p);
           for (int64_t j = 0; j < r_; ++j) weights[j] += p[j];
         }
         for (int64_t j = 0; j < r_; ++j) {
@@ -226,12 +237,13 @@ class Decoder {
   }
 
   // one token without BLAS: MoELoRA routes first and then reads only its chosen experts' rows
-  void token_loop(const float* x, float* out, float* z, float* c, float* weights, int64_t* chosen) const {
+  void token_loop(const float* x, float* out, float* z, float* c, float* scratch, float* weights,
+                  int64_t* chosen) const {
     const float* up = up_.data_ptr<float>();
     const float* down = down_t_.data_ptr<float>();
     if (method_ != MOELORA) {
       rows_dot(x, up, up_rows_, in_, z);
-      gate_token(z, c, weights, chosen);
+      gate_token(z, c, weights, chosen, scratch);
       rows_axpy(c, down, down_rows_, out_, out);
       return;
     }
@@ -241,9 +253,9 @@ class Decoder {
       const int64_t* ip = std::get<1>(top).data_ptr<int64_t>();
       std::copy(ip, ip + k_, chosen);
     }
-    std::vector<float> top(k_), w(k_);
+    float *top = scratch, *w = scratch + k_;
     for (int64_t j = 0; j < k_; ++j) top[j] = z[chosen[j]];
-    softmax(top.data(), k_, w.data());
+    softmax(top, k_, w);
     for (int64_t j = 0; j < k_; ++j) {
       const int64_t e = chosen[j];
       weights[e] = w[j];
@@ -259,16 +271,15 @@ class Decoder {
   std::vector<at::Tensor> params_;
   std::vector<int64_t> versions_;
   std::vector<const void*> pointers_;
-  int64_t n_, r_, k_, in_ = 0, out_ = 0, up_rows_ = 0, down_rows_ = 0;
+  int64_t n_, r_, k_, loop_tokens_, in_ = 0, out_ = 0, up_rows_ = 0, down_rows_ = 0;
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("SMALL_TOKENS") = SMALL_TOKENS;
   py::class_<Decoder>(m, "Decoder")
       .def(py::init<int64_t, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, int64_t, int64_t,
-                    int64_t>(),
+                    int64_t, int64_t>(),
            py::arg("method"), py::arg("up"), py::arg("up_t"), py::arg("down_t"), py::arg("params"), py::arg("n"),
-           py::arg("r"), py::arg("k"))
+           py::arg("r"), py::arg("k"), py::arg("loop_tokens"))
       .def("fresh", &Decoder::fresh, "False once a parameter changed since the weights were fused")
       .def("run", &Decoder::run, py::arg("result"), py::arg("x"),
            "result += adapter(x) in place where it can; (result, routing weights, chosen) or None when stale");

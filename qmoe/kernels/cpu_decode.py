@@ -30,6 +30,8 @@ log = logging.getLogger("qmoe")
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 _NAME = "qmoe_cpu_decode"
+# tokens per call up to which a method's Decoder runs its loops instead of BLAS (measured: BENCHMARKS.md)
+LOOP_TOKENS = {"lora": 16, "moelora": 16, "loramoe": 16, "loracoe": 4}
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module": the checked module or None; "why": why not
 
@@ -118,7 +120,7 @@ def check(module: ModuleType) -> str | None:
             up_t, down_t = up.t().contiguous(), down.t().contiguous()
             params = [layer._parameters[name] for name in layer.adapter_param_names]
             kind, n, r, k = layer.decoder_spec()
-            decoder = module.Decoder(METHOD_IDS[kind], up.contiguous(), up_t, down_t, params, n, r, k)
+            decoder = module.Decoder(METHOD_IDS[kind], up.contiguous(), up_t, down_t, params, n, r, k, 4)
             eager = EagerDecoder(layer, up_t, down_t, params)
             for tokens in _CHECK_TOKENS:
                 x = torch.randn(1, tokens, 24, generator=g)
