@@ -9,7 +9,7 @@
 //   gated = routing(z)               (a plain loop over tokens: experts and ranks are few)
 //   result += down_t^T @ gated       (in place, into the frozen layer's output)
 //
-// which is what AdapterLayer.forward_inference does in eager PyTorch for each method (qmoe/tuners/*/layer.py,
+// which is what EagerDecoder (qmoe/tuners/base.py) does with each method's eager step (qmoe/tuners/*/layer.py,
 // the reference these are tested against). Up to `loop_tokens` tokens per call it runs hand-written loops over the
 // weight rows (no BLAS call, no dispatch) and MoELoRA reads only the k chosen experts' A rows and B rows
 // (k/n of its adapter weights: the decode-time saving the top-k router promises); more tokens (prefill,
@@ -144,44 +144,53 @@ class Decoder {
   py::object run(at::Tensor result, const at::Tensor& x) {
     if (!fresh()) return py::none();
     at::NoGradGuard no_grad;
-    at::Tensor flat = x.reshape({-1, in_});
-    if (flat.scalar_type() != at::kFloat) flat = flat.to(at::kFloat);
-    flat = flat.contiguous();
-    const bool in_place = result.scalar_type() == at::kFloat && result.is_contiguous();
-    at::Tensor out = in_place ? result.view({-1, out_}) : at::zeros({flat.size(0), out_}, flat.options());
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_, "x has ", x.size(-1), " features, expected ", in_);
+    const int64_t tokens = x.numel() / in_;
     at::Tensor weights, ids;
-    step(flat, out, weights, ids);
-    if (!in_place) result = result + out.view(result.sizes()).to(result.scalar_type());
+    if (method_ == MOELORA) {
+      weights = at::zeros({tokens, n_}, at::kFloat);
+      ids = at::empty({tokens, k_}, at::kLong);
+    } else if (method_ == LORAMOE) {
+      weights = at::empty({tokens, n_}, at::kFloat);
+    } else if (method_ == LORACOE) {
+      weights = at::zeros({tokens, r_}, at::kFloat);
+    }
+    const bool in_place = result.scalar_type() == at::kFloat && result.is_contiguous();
+    if (in_place && tokens <= loop_tokens_ && x.scalar_type() == at::kFloat && x.is_contiguous()) {
+      // decode's common case: straight to the loops on raw pointers (no views: each is a dispatched op)
+      loops(x.data_ptr<float>(), result.data_ptr<float>(), tokens, weights, ids);
+    } else {
+      at::Tensor flat = x.reshape({-1, in_}).to(at::kFloat).contiguous();
+      at::Tensor out = in_place ? result.view({-1, out_}) : at::zeros({tokens, out_}, flat.options());
+      if (tokens <= loop_tokens_)
+        loops(flat.data_ptr<float>(), out.data_ptr<float>(), tokens, weights, ids);
+      else
+        blas(flat, out, weights, ids);
+      if (!in_place) result = result + out.view(result.sizes()).to(result.scalar_type());
+    }
     return py::make_tuple(result, weights.defined() ? py::cast(weights) : py::none(),
                           ids.defined() ? py::cast(ids) : py::none());
   }
 
  private:
-  void step(const at::Tensor& flat, at::Tensor& out, at::Tensor& weights, at::Tensor& ids) {
+  void loops(const float* x, float* out, int64_t tokens, at::Tensor& weights, at::Tensor& ids) const {
+    std::vector<float> z(up_rows_), c(down_rows_), scratch(2 * std::max(k_, r_));
+    float* wp = weights.defined() ? weights.data_ptr<float>() : nullptr;
+    int64_t* ip = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+    const int64_t width = weights.defined() ? weights.size(1) : 0;
+    for (int64_t t = 0; t < tokens; ++t)
+      token_loop(x + t * in_, out + t * out_, z.data(), c.data(), scratch.data(), wp ? wp + t * width : nullptr,
+                 ip ? ip + t * k_ : nullptr);
+  }
+
+  void blas(const at::Tensor& flat, at::Tensor& out, at::Tensor& weights, at::Tensor& ids) const {
     const int64_t tokens = flat.size(0);
-    auto opts = flat.options();
-    if (method_ == MOELORA) {
-      weights = at::zeros({tokens, n_}, opts);
-      ids = at::empty({tokens, k_}, opts.dtype(at::kLong));
-    } else if (method_ == LORAMOE) {
-      weights = at::empty({tokens, n_}, opts);
-    } else if (method_ == LORACOE) {
-      weights = at::zeros({tokens, r_}, opts);
-    }
-    if (tokens <= loop_tokens_) {
-      std::vector<float> z(up_rows_), c(down_rows_), scratch(2 * std::max(k_, r_));
-      for (int64_t t = 0; t < tokens; ++t)
-        token_loop(flat.data_ptr<float>() + t * in_, out.data_ptr<float>() + t * out_, z.data(), c.data(), scratch.data(),
-                   weights.defined() ? weights.data_ptr<float>() + t * weights.size(1) : nullptr,
-                   ids.defined() ? ids.data_ptr<int64_t>() + t * k_ : nullptr);
-      return;
-    }
     at::Tensor z = at::mm(flat, up_t_).contiguous();
     if (method_ == LORA) {
       out.addmm_(z, down_t_);
       return;
     }
-    at::Tensor gated = at::empty({tokens, down_rows_}, opts);
+    at::Tensor gated = at::empty({tokens, down_rows_}, flat.options());
     const float* zp = z.data_ptr<float>();
     float* gp = gated.data_ptr<float>();
     if (method_ == MOELORA) {  // torch's own top-k for many tokens: the eager path's experts, ties included

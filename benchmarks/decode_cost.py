@@ -1,0 +1,71 @@
+"""What an unmerged adapter costs at batch-1 decode, split into a fixed part and a part that grows with its
+weights: qmoe's LoRA at ranks 1 to 32 against the base model and the wrapper floor, on the builtin SmolLM2-135M
+NF4 (issue 18: why LoRA's ratio stays below 0.95x on a CPU).
+
+    python benchmarks/decode_cost.py [--ranks 1 4 8 16 32] [--repeats 5] [--json FILE]
+
+A rank-1 LoRA moves almost no adapter weights, so its ratio to the base is the fixed per-layer cost (a module
+call, the kernel call, the bookkeeping); each rank beyond adds 4 * (in + out) bytes per adapted projection that
+stream through the caches every token. Timed interleaved in one process with ``qmoe.bench.generate``'s loop
+(greedy, KV cache, one thread), medians; ratios = base time / model time, CPU time beside wall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from qmoe import AdapterConfig, attach
+    from qmoe.bench import machine_info
+    from qmoe.bench.backbones import share_frozen_clone
+    from qmoe.bench.generate import QUESTION, _decode_loop, _interleaved, _wrapped_only
+    from qmoe.models import load_base_model
+
+    torch.set_num_threads(1)
+    base, tokenizer, device = load_base_model("builtin:smollm2-135m-instruct", "nf4", "auto", "cpu")
+    base.eval()
+    messages = [{"role": "user", "content": QUESTION}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    models = {"base": base, "wrapper-floor": _wrapped_only(base).eval()}
+    for r in args.ranks:
+        models[f"lora r={r}"] = attach(share_frozen_clone(base), AdapterConfig(method="lora", r=r, dropout=0.0)).eval()
+    runs = {name: (lambda m=model: _decode_loop(m, ids, args.new_tokens, device)) for name, model in models.items()}
+    medians = _interleaved(runs, args.repeats, warmup=1)
+    ref = medians["base"]
+    rows = [
+        dict(
+            model=name,
+            decode_tokens_per_s=args.new_tokens / m["decode_s"],
+            decode_ratio_to_base=ref["decode_s"] / m["decode_s"],
+            decode_cpu_ratio_to_base=ref["decode_cpu_s"] / m["decode_cpu_s"],
+        )
+        for name, m in medians.items()
+    ]
+    print("| model | decode tok/s | × base (wall) | × base (CPU) |\n|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['model']} | {row['decode_tokens_per_s']:.1f} | {row['decode_ratio_to_base']:.2f} "
+            f"| {row['decode_cpu_ratio_to_base']:.2f} |"
+        )
+    if args.json:
+        meta = dict(machine_info(device), new_tokens=args.new_tokens, repeats=args.repeats, threads=1)
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
