@@ -1,6 +1,8 @@
 """Inference speed-ups (issue 18): the eval/no-grad fast path of every adapter layer, the dequantised CPU copy
 of the frozen 4-bit weights and LoRA merging, each checked against the plain path on real NF4 layers."""
 
+import copy
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -152,6 +154,24 @@ def test_fused_weights_follow_replaced_parameters_and_moves(tiny_4bit, reference
             torch.testing.assert_close(halved, model(input_ids=ids).logits, atol=1e-3, rtol=1e-3)
         layers[0].double()
         assert layers[0]._inference_cache is None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_model_copied_after_inference_copies_its_adapter_not_its_decoder(tiny_4bit, method):
+    """copy.deepcopy (and pickle) after a fast-path forward: the copy builds its own decoder from its own
+    parameters, so changing the copy leaves the original's outputs alone."""
+    model = qmoe.attach(tiny_4bit(), config(method))
+    randomize(model)
+    model.eval()
+    ids, _ = batch()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        twin = copy.deepcopy(model)
+        torch.testing.assert_close(twin(input_ids=ids).logits, before)
+        for layer in qmoe.adapter_layers(twin).values():
+            layer.lora_B.mul_(3.0)
+        assert not torch.allclose(twin(input_ids=ids).logits, before)
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
 
 
 def test_loracoe_stage_switch_rebuilds_the_fusion(tiny_4bit, reference_path):

@@ -297,6 +297,10 @@ class AdapterLayer(nn.Module):
         self._drop_inference_cache()
         super().register_parameter(name, param)
 
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickle: the decoder (a C++ object holding the old parameters) is rebuilt, not copied
+        return {**super().__getstate__(), "_inference_cache": None}
+
     def _apply(self, fn, recurse: bool = True):
         self._drop_inference_cache()  # .to(), .half(), .cuda(): new tensors, maybe new Parameter objects
         return super()._apply(fn, recurse)
