@@ -28,10 +28,17 @@ namespace {
 
 enum Method : int64_t { LORA = 0, MOELORA = 1, LORAMOE = 2, LORACOE = 3 };
 
+// The loops below are compiled for several x86 vector widths and the widest the running CPU has is chosen once
+// at load time (no -march=native: the build cache may move between machines). target_clones needs ifunc
+// (glibc); elsewhere (macOS, musl, ARM) the loops are compiled for the default target.
+#if defined(__x86_64__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__))
+#define QMOE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define QMOE_VECTOR_CLONES
+#endif
+
 // z[j] = <x, w[j]> for `rows` rows of w (row-major, `width` columns); several rows per pass share x's loads.
-// (target_clones: the widest vector unit the running CPU has, chosen once at load time, no -march=native)
-__attribute__((target_clones("avx512f", "avx2", "default"))) void rows_dot(const float* x, const float* w,
-                                                                          int64_t rows, int64_t width, float* z) {
+QMOE_VECTOR_CLONES void rows_dot(const float* x, const float* w, int64_t rows, int64_t width, float* z) {
   int64_t j = 0;
   for (; j + 4 <= rows; j += 4) {
     const float *w0 = w + j * width, *w1 = w0 + width, *w2 = w1 + width, *w3 = w2 + width;
@@ -55,8 +62,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void rows_dot(const
 }
 
 // out += sum_j c[j] * w[j] over `rows` rows of w (row-major, `width` columns); rows with c[j] == 0 skipped.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void rows_axpy(const float* c, const float* w,
-                                                                           int64_t rows, int64_t width, float* out) {
+QMOE_VECTOR_CLONES void rows_axpy(const float* c, const float* w, int64_t rows, int64_t width, float* out) {
   int64_t j = 0;
   for (; j + 4 <= rows; j += 4) {
     const float *w0 = w + j * width, *w1 = w0 + width, *w2 = w1 + width, *w3 = w2 + width;
