@@ -159,11 +159,25 @@ def everywhere(fn, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
+_launcher: dict[str, int] = {}  # "pid": the launcher watch_parent watches
+
+
+def end_if_launcher_lost() -> None:
+    """SIGKILL this worker now if its launcher has died: what :func:`watch_parent` does within its interval.
+
+    Called where a worker is about to record a failure: when the launcher is killed, the worker whose watch
+    fires first dies, and the other sees its collective fail before its own watch fires; that error is the
+    kill's echo, not a failure of the run (which stays resumable, as after a kill of one process)."""
+    parent = _launcher.get("pid")
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def watch_parent(interval: float = 0.5) -> None:
     """End this worker when its launcher dies (``kill -9`` of ``accelerate launch``/``torchrun`` leaves its
     workers orphaned: they would keep training into the run directory while a ``--resume`` is refused by its
     lock). The launcher's SIGTERM is the graceful path; losing the launcher is treated as being killed."""
-    parent = os.getppid()
+    parent = _launcher["pid"] = os.getppid()
 
     def watch() -> None:
         while True:

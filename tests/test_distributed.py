@@ -239,3 +239,23 @@ def test_aux_loss_and_telemetry_reach_the_model_through_ddp(tiny_4bit, tmp_path)
         assert not any(name.startswith("module.") for name in qmoe.adapter_layers(wrapped))
     finally:
         torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("launcher_alive", [True, False])
+def test_a_worker_whose_launcher_is_gone_dies_instead_of_reporting_a_failure(launcher_alive):
+    """After kill -9 of the launcher, the worker that sees its peer's death as a failed collective ends as if
+    killed (no 'failed' status: the run resumes), before its own parent watch would fire."""
+    import subprocess
+    import sys
+
+    parent = "os.getppid()" if launcher_alive else "os.getppid() + 999999"
+    code = (
+        "import os\nfrom qmoe import distributed\n"
+        f"distributed._launcher['pid'] = {parent}\n"
+        "distributed.end_if_launcher_lost()\nprint('still here')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if launcher_alive:
+        assert done.returncode == 0 and "still here" in done.stdout, done.stderr[-2000:]
+    else:
+        assert done.returncode == -signal.SIGKILL and "still here" not in done.stdout
