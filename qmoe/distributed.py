@@ -177,12 +177,11 @@ def watch_parent(interval: float = 0.5) -> None:
     """End this worker when its launcher dies (``kill -9`` of ``accelerate launch``/``torchrun`` leaves its
     workers orphaned: they would keep training into the run directory while a ``--resume`` is refused by its
     lock). The launcher's SIGTERM is the graceful path; losing the launcher is treated as being killed."""
-    parent = _launcher["pid"] = os.getppid()
+    _launcher["pid"] = os.getppid()
 
     def watch() -> None:
         while True:
             time.sleep(interval)
-            if os.getppid() != parent:
-                os.kill(os.getpid(), signal.SIGKILL)
+            end_if_launcher_lost()
 
     threading.Thread(target=watch, name="qmoe-parent-watch", daemon=True).start()

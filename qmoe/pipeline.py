@@ -305,8 +305,7 @@ def _run_finetune(recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: boo
         except BaseException as exc:
             if isinstance(exc, SystemExit):  # another process failed first and reported it (qmoe.distributed)
                 raise
-            if parallel:
-                distributed.end_if_launcher_lost()  # a peer's death after a kill -9 of the launcher: not a failure
+            distributed.end_if_launcher_lost()  # a peer's death after a kill -9 of the launcher: not a failure
             message = _describe_failure(exc, run_dir)
             if message is not None:
                 status.update(state="failed", error=message)

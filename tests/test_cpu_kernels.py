@@ -12,8 +12,9 @@ from test_inference import METHODS, config, randomize
 import qmoe
 from qmoe import kernels
 from qmoe.kernels import cpu_decode
+from qmoe.kernels.cpu_decode import METHOD_IDS
 from qmoe.kernels.selfcheck import KernelFallbackWarning
-from qmoe.tuners.base import METHOD_IDS, EagerDecoder
+from qmoe.tuners.base import EagerDecoder
 
 
 def runs_the_kernel(layer) -> bool:

@@ -221,10 +221,7 @@ class Decoder {
         std::copy(z, z + down_rows_, c);
         break;
       case MOELORA: {  // z = [router logits (n) | expert e's ranks (n blocks of r)]
-        float *top = scratch, *w = scratch + k_;
-        for (int64_t j = 0; j < k_; ++j) top[j] = z[chosen[j]];
-        softmax(top, k_, w);
-        for (int64_t j = 0; j < k_; ++j) weights[chosen[j]] = w[j];
+        chosen_weights(z, chosen, weights, scratch);
         for (int64_t e = 0; e < n_; ++e)
           for (int64_t i = 0; i < r_; ++i) c[e * r_ + i] = z[n_ + e * r_ + i] * weights[e];
         break;
@@ -251,6 +248,15 @@ class Decoder {
     }
   }
 
+  // MoELoRA's gate for one token: weights[chosen[j]] = softmax of the chosen experts' logits (the renormalised
+  // top-k of the softmax); the others stay 0. (scratch: 2k floats)
+  void chosen_weights(const float* logits, const int64_t* chosen, float* weights, float* scratch) const {
+    float *top = scratch, *w = scratch + k_;
+    for (int64_t j = 0; j < k_; ++j) top[j] = logits[chosen[j]];
+    softmax(top, k_, w);
+    for (int64_t j = 0; j < k_; ++j) weights[chosen[j]] = w[j];
+  }
+
   // one token without BLAS: MoELoRA routes first and then reads only its chosen experts' rows
   void token_loop(const float* x, float* out, float* z, float* c, float* scratch, float* weights,
                   int64_t* chosen) const {
@@ -268,15 +274,12 @@ class Decoder {
       const int64_t* ip = std::get<1>(top).data_ptr<int64_t>();
       std::copy(ip, ip + k_, chosen);
     }
-    float *top = scratch, *w = scratch + k_;
-    for (int64_t j = 0; j < k_; ++j) top[j] = z[chosen[j]];
-    softmax(top, k_, w);
+    chosen_weights(z, chosen, weights, scratch);
     for (int64_t j = 0; j < k_; ++j) {
       const int64_t e = chosen[j];
-      weights[e] = w[j];
       float* ze = z + n_ + e * r_;
       rows_dot(x, up + (n_ + e * r_) * in_, r_, in_, ze);
-      for (int64_t i = 0; i < r_; ++i) ze[i] *= w[j];
+      for (int64_t i = 0; i < r_; ++i) ze[i] *= weights[e];
       rows_axpy(ze, down + e * r_ * out_, r_, out_, out);
     }
   }

@@ -21,10 +21,14 @@ import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
 from .selfcheck import KernelFallbackWarning
+
+if TYPE_CHECKING:  # (qmoe.tuners imports this package)
+    from ..tuners.base import AdapterLayer
 
 log = logging.getLogger("qmoe")
 
@@ -32,6 +36,8 @@ SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 _NAME = "qmoe_cpu_decode"
 # tokens per call up to which a method's Decoder runs its loops instead of BLAS (measured: BENCHMARKS.md)
 LOOP_TOKENS = {"lora": 16, "moelora": 16, "loramoe": 16, "loracoe": 4}
+# the C++ Method enum's numbers
+METHOD_IDS = {"lora": 0, "moelora": 1, "loramoe": 2, "loracoe": 3}
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module": the checked module or None; "why": why not
 
@@ -72,6 +78,26 @@ def kernels() -> ModuleType | None:
     return _state["module"]  # type: ignore[return-value]
 
 
+def decoder_for(
+    module: ModuleType,
+    layer: AdapterLayer,
+    up: torch.Tensor,
+    up_t: torch.Tensor,
+    down_t: torch.Tensor,
+    params: list[torch.Tensor],
+    loop_tokens: int | None = None,
+):
+    """``module``'s Decoder for ``layer``'s fused weights (up [R', in], its transpose, down_t [R, out]) and the
+    parameters they were built from; ``loop_tokens`` defaults to the method's :data:`LOOP_TOKENS`."""
+    method, n, r, k = layer.decoder_spec()
+    # the loops read up's rows and then down_t's: one allocation, one stream for the prefetcher (measured: a few %
+    # of decode speed for LoRA; BENCHMARKS.md)
+    packed = torch.cat([up.reshape(-1), down_t.reshape(-1)])
+    rows, cols = packed[: up.numel()].view(up.shape), packed[up.numel() :].view(down_t.shape)
+    loops = LOOP_TOKENS[method] if loop_tokens is None else loop_tokens
+    return module.Decoder(METHOD_IDS[method], rows, up_t, cols, params, n, r, k, loops)
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
@@ -97,8 +123,8 @@ _CHECK_CONFIGS = {
     "loramoe": dict(method="loramoe", r=16, num_experts=4),
     "loracoe": dict(method="loracoe", r=16, num_experts=2, stage="joint"),
 }
-# token counts: one (decode), a few (the loops' upper end), many (BLAS); the last row of each is all zeros
-# (a padding token: every router logit ties)
+# token counts: one (decode), a few (the loops' upper end in the check), many (BLAS); the last row of each is all
+# zeros (a padding token: every router logit ties)
 _CHECK_TOKENS = (1, 3, 37)
 
 
@@ -107,7 +133,7 @@ def check(module: ModuleType) -> str | None:
     outputs and routing telemetry all match."""
     from ..config import AdapterConfig
     from ..tuners import layer_class
-    from ..tuners.base import METHOD_IDS, AdapterContext, EagerDecoder
+    from ..tuners.base import AdapterContext, EagerDecoder
 
     g = torch.Generator().manual_seed(0)  # a private generator: the check never moves the caller's RNG
     with torch.no_grad():
@@ -119,8 +145,7 @@ def check(module: ModuleType) -> str | None:
             up, down = layer.fused_weights()  # (not inference_decoder: it would ask for these kernels)
             up_t, down_t = up.t().contiguous(), down.t().contiguous()
             params = [layer._parameters[name] for name in layer.adapter_param_names]
-            kind, n, r, k = layer.decoder_spec()
-            decoder = module.Decoder(METHOD_IDS[kind], up.contiguous(), up_t, down_t, params, n, r, k, 4)
+            decoder = decoder_for(module, layer, up, up_t, down_t, params, loop_tokens=_CHECK_TOKENS[1])
             eager = EagerDecoder(layer, up_t, down_t, params)
             for tokens in _CHECK_TOKENS:
                 x = torch.randn(1, tokens, 24, generator=g)

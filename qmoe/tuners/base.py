@@ -270,15 +270,9 @@ class AdapterLayer(nn.Module):
             params = [self._parameters[name] for name in self.adapter_param_names]
             kernels = cpu_kernels_for(up) if backend == "auto" else None
             if kernels is not None:
-                from ..kernels.cpu_decode import LOOP_TOKENS
+                from ..kernels.cpu_decode import decoder_for
 
-                method, n, r, k = self.decoder_spec()
-                # the loops read up's rows and then down_t's: one allocation, one stream for the prefetcher
-                # (measured: a few % of decode speed for LoRA; BENCHMARKS.md)
-                packed = torch.cat([up.reshape(-1), down_t.reshape(-1)])
-                rows, cols = packed[: up.numel()].view(up.shape), packed[up.numel() :].view(down_t.shape)
-                loops = LOOP_TOKENS[method]
-                decoder = kernels.Decoder(METHOD_IDS[method], rows, up_t, cols, params, n, r, k, loops)
+                decoder = decoder_for(kernels, self, up, up_t, down_t, params)
             else:
                 decoder = EagerDecoder(self, up_t, down_t, params)
         self._inference_cache = (backend, decoder)
@@ -320,10 +314,6 @@ class Decoder(Protocol):
         """``result`` (the frozen layer's output) plus the adapter's output for ``x``, in place where it can:
         (result, routing weights or None, chosen experts or None), or None, doing nothing, when a parameter
         changed since the weights were fused."""
-
-
-# qmoe.kernels.cpu_decode's method numbers (the C++ enum)
-METHOD_IDS = {"lora": 0, "moelora": 1, "loramoe": 2, "loracoe": 3}
 
 
 class EagerDecoder:
