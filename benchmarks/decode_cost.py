@@ -7,7 +7,8 @@ NF4 (issue 18: why LoRA's ratio stays below 0.95x on a CPU).
 A rank-1 LoRA moves almost no adapter weights, so its ratio to the base is the fixed per-layer cost (a module
 call, the kernel call, the bookkeeping); each rank beyond adds 4 * (in + out) bytes per adapted projection that
 stream through the caches every token. Timed interleaved in one process with ``qmoe.bench.generate``'s loop
-(greedy, KV cache, one thread), medians; ratios = base time / model time, CPU time beside wall.
+(greedy, KV cache, one thread); ratios = base time / model time within each round, the median over rounds and
+the lowest and highest round; CPU time beside wall.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from qmoe import AdapterConfig, attach
     from qmoe.bench import machine_info
     from qmoe.bench.backbones import share_frozen_clone
-    from qmoe.bench.generate import QUESTION, _decode_loop, _interleaved, _wrapped_only
+    from qmoe.bench.generate import QUESTION, _decode_loop, _interleaved, _wrapped_only, paired_ratios, ratio_cell
     from qmoe.models import load_base_model
 
     torch.set_num_threads(1)
@@ -44,22 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     for r in args.ranks:
         models[f"lora r={r}"] = attach(share_frozen_clone(base), AdapterConfig(method="lora", r=r, dropout=0.0)).eval()
     runs = {name: (lambda m=model: _decode_loop(m, ids, args.new_tokens, device)) for name, model in models.items()}
-    medians = _interleaved(runs, args.repeats, warmup=1)
-    ref = medians["base"]
+    summary = paired_ratios(_interleaved(runs, args.repeats, warmup=1))
     rows = [
         dict(
             model=name,
             decode_tokens_per_s=args.new_tokens / m["decode_s"],
-            decode_ratio_to_base=ref["decode_s"] / m["decode_s"],
-            decode_cpu_ratio_to_base=ref["decode_cpu_s"] / m["decode_cpu_s"],
+            decode_ratio_to_base=m["decode_s_ratio"],
+            decode_cpu_ratio_to_base=m["decode_cpu_s_ratio"],
+            **m,
         )
-        for name, m in medians.items()
+        for name, m in summary.items()
     ]
     print("| model | decode tok/s | × base (wall) | × base (CPU) |\n|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['model']} | {row['decode_tokens_per_s']:.1f} | {row['decode_ratio_to_base']:.2f} "
-            f"| {row['decode_cpu_ratio_to_base']:.2f} |"
+            f"| {row['model']} | {row['decode_tokens_per_s']:.1f} | {ratio_cell(row, 'decode_s')} "
+            f"| {ratio_cell(row, 'decode_cpu_s')} |"
         )
     if args.json:
         meta = dict(machine_info(device), new_tokens=args.new_tokens, repeats=args.repeats, threads=1)

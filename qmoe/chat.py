@@ -109,7 +109,7 @@ def load_chat_model(
     weights (auto: on CPU when it fits and pays, see qmoe.inference); ``merge``: fold a LoRA adapter into the
     weights (a mixture raises UsageError)."""
     from .attach import adapter_layers
-    from .inference import dequantize_frozen, merge_lora
+    from .inference import dequantize_frozen, merge_lora, note_merge_on_4bit_cpu
     from .models import load_base_model
     from .serialization import AdapterError, load_adapter
 
@@ -125,6 +125,8 @@ def load_chat_model(
     if merge:
         model = merge_lora(model)
     dequantized = dequantize_frozen(model, dequantize, device)
+    if merge and not dequantized:
+        note_merge_on_4bit_cpu(model, device)
     model.eval()
     model.config.use_cache = True
     routed = (

@@ -157,6 +157,21 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return detach(model)
 
 
+def note_merge_on_4bit_cpu(model: nn.Module, device: str) -> bool:
+    """Log (and return True) when a merged LoRA runs on a CPU whose other frozen weights stay 4-bit because
+    bitsandbytes' bf16 kernel serves them: there the merge's dense layers decode slower than the unmerged adapter
+    (BENCHMARKS.md, rows ``lora-merged`` and ``lora``). Merged layers stay dense on purpose: re-quantising W + s·B·A
+    to NF4 rounds most of the adapter's update away (``benchmarks/requantized_merge.py``)."""
+    if device != "cpu" or not _four_bit_layers(model) or not bnb_has_bf16_cpu_kernel():
+        return False
+    log.info(
+        "merged: the adapted layers are now dense float32; on this CPU bitsandbytes' bf16 kernel decodes the 4-bit "
+        "layers faster than dense ones, so chatting without --merge is faster here (the merge does not "
+        "re-quantise to 4-bit: NF4 rounding would erase most of the adapter's update)"
+    )
+    return True
+
+
 def drop_quantization_config(model: nn.Module) -> None:
     """Mark a model whose 4-bit layers were all dequantised as a plain one (so save_pretrained writes a
     folder AutoModelForCausalLM loads without bitsandbytes)."""

@@ -328,6 +328,29 @@ def test_qmoe_merge_writes_a_plain_transformers_folder(chat_model_dir, tmp_path)
         torch.testing.assert_close(merged_chat.model(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bf16_kernel", [True, False])
+def test_chat_merge_says_when_the_unmerged_adapter_would_decode_faster(chat_model_dir, tmp_path, caplog, bf16_kernel):
+    """On a CPU where bitsandbytes' bf16 kernel keeps the other layers 4-bit, the merge's dense layers are the
+    slower choice (BENCHMARKS.md): chat still merges as asked, and says so once."""
+    import logging
+
+    import qmoe.inference
+    from qmoe.chat import load_chat_model
+
+    only_q = qmoe.AdapterConfig(method="lora", r=4, target_modules=["q_proj"])
+    model = qmoe.attach(load_model_nf4(chat_model_dir), only_q)
+    randomize(model)
+    adapter = qmoe.save_adapter(model, tmp_path / "adapter")
+    # which CPU this is decides what --dequantize auto does; both answers are tested on any CPU
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.INFO, logger="qmoe"):
+        patch.setattr(qmoe.inference, "bnb_has_bf16_cpu_kernel", lambda: bf16_kernel)
+        chat = load_chat_model(adapter, base_source=str(chat_model_dir), device="cpu", merge=True)
+    assert chat.merged and chat.dequantized == (not bf16_kernel)  # auto: the dequantised copy without the kernel
+    said = [r.getMessage() for r in caplog.records if "chatting without --merge is faster" in r.getMessage()]
+    assert len(said) == (1 if bf16_kernel else 0)
+    assert four_bit_layers(chat.model) if bf16_kernel else not four_bit_layers(chat.model)
+
+
 def load_model_nf4(folder):
     from qmoe.models import load_base_model
 
@@ -373,9 +396,28 @@ def test_generation_bench_rows_for_every_model_and_batch(chat_model_dir, mode):
     assert result["meta"]["frozen_weights"] == ("dequantised copy of NF4" if mode == "on" else "NF4")
     table = markdown_generation(result)
     assert "| moelora-4bit-reference | 3 |" in table and "decode × base (CPU)" in table
+    assert "| base | 1 |" in table and "| 1.00 | 1.00 | 1.00 |" in table  # one round: no range in brackets
     assert "CPU kernels: in use" in table and result["meta"]["cpu_kernels"] == "in use"
     rows = {(r["model"], r["batch"]): r for r in result["rows"]}
     assert rows[("peft-lora", 1)]["trainable_params"] == rows[("lora", 1)]["trainable_params"]
+
+
+def test_generation_ratios_pair_each_round_with_the_base_run_of_the_same_round():
+    from qmoe.bench.generate import paired_ratios, ratio_cell
+
+    # (prefill, prefill cpu, decode, decode cpu) per round: the machine slows down 2x in round 2 for both
+    runs = {
+        "base": [(1.0, 1.0, 10.0, 10.0), (2.0, 2.0, 20.0, 20.0), (1.0, 1.0, 10.0, 10.0)],
+        "adapter": [(1.0, 1.0, 12.5, 12.5), (2.0, 2.0, 20.0, 25.0), (1.0, 1.0, 10.0, 11.0)],
+    }
+    summary = paired_ratios(runs)
+    adapter = summary["adapter"]
+    # round ratios 0.8, 1.0, 1.0 (wall): the median of the pairs, not the ratio of medians (10/12.5)
+    assert adapter["decode_s_ratio"] == 1.0 and adapter["decode_s_ratio_range"] == [0.8, 1.0]
+    assert adapter["decode_cpu_s_ratio"] == 0.8 and adapter["decode_cpu_s_ratio_range"] == [0.8, pytest.approx(10 / 11)]
+    assert adapter["decode_s"] == 12.5  # the times themselves: medians over rounds
+    assert summary["base"]["decode_s_ratio_range"] == [1.0, 1.0]
+    assert ratio_cell(adapter, "decode_s") == "1.00 (0.80–1.00)" and ratio_cell(summary["base"], "decode_s") == "1.00"
 
 
 def test_generation_bench_command_checks_its_options(capsys):

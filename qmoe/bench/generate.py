@@ -20,6 +20,7 @@ weights and the training code path: what chat ran before the inference fast path
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -55,7 +56,13 @@ def _decode_loop(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, dev
     return w1 - w0, c1 - c0, w2 - w1, c2 - c1
 
 
-def _interleaved(candidates: dict[str, Callable[[], tuple[float, ...]]], repeats: int, warmup: int) -> dict:
+TIMES = ("prefill_s", "prefill_cpu_s", "decode_s", "decode_cpu_s")  # what _decode_loop returns, in order
+
+
+def _interleaved(
+    candidates: dict[str, Callable[[], tuple[float, ...]]], repeats: int, warmup: int
+) -> dict[str, list[tuple[float, ...]]]:
+    """Every candidate's times per round (``TIMES``), the order rotated each round; warm-up rounds dropped."""
     names = list(candidates)
     for _ in range(warmup):
         for name in names:
@@ -65,8 +72,36 @@ def _interleaved(candidates: dict[str, Callable[[], tuple[float, ...]]], repeats
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
             runs[name].append(candidates[name]())
-    keys = ("prefill_s", "prefill_cpu_s", "decode_s", "decode_cpu_s")
-    return {name: {k: statistics.median(r[j] for r in rs) for j, k in enumerate(keys)} for name, rs in runs.items()}
+    return runs
+
+
+def paired_ratios(runs: dict[str, list[tuple[float, ...]]], reference: str = BASE) -> dict[str, dict]:
+    """Per candidate: the median of each time (``TIMES``) and, for each, ``<time>_ratio`` = the median over rounds
+    of reference time / candidate time within the same round (higher is faster), with ``<time>_ratio_range``
+    [lowest, highest] over the rounds. Pairing within a round keeps slow drifts of the machine out of the ratio;
+    the range says how far one run can be trusted."""
+    out = {}
+    for name, rounds in runs.items():
+        row: dict = {k: statistics.median(r[j] for r in rounds) for j, k in enumerate(TIMES)}
+        for j, k in enumerate(TIMES):
+            ratios = [_ratio(ref[j], own[j]) for ref, own in zip(runs[reference], rounds, strict=True)]
+            row[f"{k}_ratio"] = statistics.median(ratios)
+            row[f"{k}_ratio_range"] = [min(ratios), max(ratios)]
+        out[name] = row
+    return out
+
+
+def _ratio(reference: float, own: float) -> float:
+    if own > 0:
+        return reference / own
+    return 1.0 if reference == 0 else math.inf  # (a CPU clock too coarse for a tiny run)
+
+
+def ratio_cell(row: dict, key: str) -> str:
+    """'0.86 (0.83-0.88)': the median paired ratio and its range over rounds (the range only with 2+ rounds)."""
+    low, high = row[f"{key}_ratio_range"]
+    median = row[f"{key}_ratio"]
+    return f"{median:.2f}" if low == high else f"{median:.2f} ({low:.2f}–{high:.2f})"
 
 
 def _with_reference_path(run: Callable[[], tuple[float, ...]]) -> Callable[[], tuple[float, ...]]:
@@ -202,9 +237,8 @@ def measure_generation(
                 _with_reference_path(run) if name in reference else _with_eager_kernels(run) if name in eager else run
             )
         say(f"generation, batch {batch}: {len(candidates)} models x {repeats} rounds of {new_tokens} new tokens")
-        medians = _interleaved(candidates, repeats, warmup)
-        ref = medians[BASE]
-        for name, m in medians.items():
+        summary = paired_ratios(_interleaved(candidates, repeats, warmup))
+        for name, m in summary.items():
             rows.append(
                 dict(
                     model=name,
@@ -212,9 +246,9 @@ def measure_generation(
                     trainable_params=params[name],
                     prefill_tokens_per_s=batch * ids.shape[1] / m["prefill_s"],
                     decode_tokens_per_s=batch * new_tokens / m["decode_s"],
-                    decode_ratio_to_base=ref["decode_s"] / m["decode_s"],
-                    decode_cpu_ratio_to_base=ref["decode_cpu_s"] / m["decode_cpu_s"],
-                    prefill_ratio_to_base=ref["prefill_s"] / m["prefill_s"],
+                    decode_ratio_to_base=m["decode_s_ratio"],
+                    decode_cpu_ratio_to_base=m["decode_cpu_s_ratio"],
+                    prefill_ratio_to_base=m["prefill_s_ratio"],
                     **m,
                 )
             )
@@ -240,8 +274,8 @@ def markdown_generation(result: dict) -> str:
         f"Generation, {meta['source']} ({meta['frozen_weights']}, {meta['dtype']} compute) on "
         f"{meta['device_name']}, {meta['threads']} thread(s): greedy with a KV cache, {meta['prompt_tokens']}-token "
         f"prompt, {meta['new_tokens']} new tokens, median of {meta['repeats']} interleaved rounds; qmoe's CPU "
-        f"kernels: {meta.get('cpu_kernels', '-')}. Ratios: "
-        "base time / model time in the same run (1.00 = base speed; higher is faster).",
+        f"kernels: {meta.get('cpu_kernels', '-')}. Ratios: base time / model time within each round, the median "
+        "over rounds and (in brackets) the lowest and highest round (1.00 = base speed; higher is faster).",
         "",
         "| model | batch | prefill tok/s | decode tok/s | decode × base (wall) | decode × base (CPU) "
         "| prefill × base |",
@@ -250,7 +284,6 @@ def markdown_generation(result: dict) -> str:
     for r in result["rows"]:
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} "
-            f"| {r['decode_ratio_to_base']:.2f} | {r['decode_cpu_ratio_to_base']:.2f} "
-            f"| {r['prefill_ratio_to_base']:.2f} |"
+            f"| {ratio_cell(r, 'decode_s')} | {ratio_cell(r, 'decode_cpu_s')} | {ratio_cell(r, 'prefill_s')} |"
         )
     return "\n".join(lines) + "\n"
