@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dequantize", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--compile", action="store_true", help="also rows with a compiled decode step (-compiled)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown to FILE")
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup,
         args.dequantize,
         progress=lambda msg: print(msg, file=sys.stderr),
+        compiled=args.compile,
     )
     table = markdown_generation(result)
     print(table, end="")

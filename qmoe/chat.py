@@ -20,6 +20,7 @@ revision=None)``
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ import torch
 
 from .errors import UsageError
 from .routing import top_experts as top_experts  # part of this module's API (see the docstring); one definition
+
+log = logging.getLogger("qmoe")
 
 DEFAULT_SOURCE = "builtin:smollm2-135m-instruct"
 
@@ -43,6 +46,7 @@ class ChatModel:
     routed_layers: list[str] = field(default_factory=list)
     dequantized: bool = False  # the frozen 4-bit weights are held dequantised (qmoe.inference.dequantize_frozen)
     merged: bool = False  # the LoRA adapter is folded into the weights
+    compiled: bool = False  # generate compiles its decode step (qmoe.inference.compile_decode)
 
 
 def resolve_adapter(
@@ -104,12 +108,14 @@ def load_chat_model(
     revision: str | None = None,
     dequantize: str = "auto",
     merge: bool = False,
+    compile: bool = False,
 ) -> ChatModel:
     """(see the module docstring) ``dequantize`` auto | on | off: keep a dequantised copy of the frozen 4-bit
     weights (auto: on CPU when it fits and pays, see qmoe.inference); ``merge``: fold a LoRA adapter into the
-    weights (a mixture raises UsageError)."""
+    weights (a mixture raises UsageError); ``compile``: generate with a compiled decode step (the first reply
+    waits for the compilation; replies with routing traces run uncompiled)."""
     from .attach import adapter_layers
-    from .inference import dequantize_frozen, merge_lora, note_merge_on_4bit_cpu
+    from .inference import compile_decode, dequantize_frozen, merge_lora, note_merge_on_4bit_cpu
     from .models import load_base_model
     from .serialization import AdapterError, load_adapter
 
@@ -129,10 +135,16 @@ def load_chat_model(
         note_merge_on_4bit_cpu(model, device)
     model.eval()
     model.config.use_cache = True
+    if compile:
+        compile_decode(model, device)
+        log.info(
+            "--compile: the first reply compiles the decode step first (about a minute on a CPU, less once torch "
+            "has cached it); replies that show routing run uncompiled"
+        )
     routed = (
         [name for name, layer in adapter_layers(model).items() if layer.routed] if adapter_dir and not merge else []
     )
-    return ChatModel(model, tokenizer, source, adapter_dir, routed, dequantized, merge)
+    return ChatModel(model, tokenizer, source, adapter_dir, routed, dequantized, merge, compile)
 
 
 # Intra-op threads of the generating thread on CPU. It is not the main thread (the streamer's consumer is), and
@@ -168,6 +180,10 @@ def stream_reply(
     )
     result: dict = {}
     tracing = trace and bool(chat.routed_layers)
+    if chat.compiled:
+        from .inference import prepare_compiled_decode
+
+        prepare_compiled_decode(model)  # (an adapter changed since the last reply: its fused weights again)
 
     def work():
         before = torch.get_num_threads()
@@ -190,6 +206,8 @@ def stream_reply(
 
     if tracing:
         set_tracing(model, True)
+        if chat.compiled:
+            model.forward.eager = True  # compiled layers record no routing: this reply runs uncompiled
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     pieces = []
@@ -203,6 +221,8 @@ def stream_reply(
             from .attach import adapter_context
 
             adapter_context(model).trace = False
+            if chat.compiled:
+                model.forward.eager = False
     if "error" in result:
         raise result["error"]
     new_ids = result["ids"][0, inputs["input_ids"].shape[1] :]

@@ -7,18 +7,26 @@ in free RAM) each ``Linear4bit`` is replaced by an ``nn.Linear`` holding exactly
 dequantise, in the compute dtype: the same function, once instead of per token. Works under attached adapters
 (their ``base_layer`` is swapped).
 
+``compile_decode(model, device)``: ``model.generate`` then compiles its decode step (``torch.compile`` of the
+whole forward, static KV cache) and adapter layers trace their fast path's eager step (``qmoe chat --compile``);
+``prepare_compiled_decode(model)`` refreshes the adapters' fused weights before each generate.
+
 ``merge_lora(model)`` -> the model with every LoRA layer replaced by one dense ``nn.Linear`` of W + s·B·A (the
 frozen W dequantised when it is 4-bit) and the adapter detached; mixtures are refused (:class:`UsageError`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .errors import UsageError
+from .kernels.selfcheck import KernelFallbackWarning
 
 log = logging.getLogger("qmoe")
 
@@ -130,6 +138,68 @@ def dequantize_frozen(model: nn.Module, mode: str = "auto", device: str = "cpu")
         need / 1e9,
     )
     return True
+
+
+def prepare_compiled_decode(model: nn.Module) -> int:
+    """Fuse each adapter layer's weights for its compiled fast path where missing or stale (a parameter changed);
+    the number of layers it (re)built. Cheap when nothing changed: call it before every ``generate``."""
+    from .attach import adapter_layers
+
+    return sum(layer.prepare_compiled() for layer in adapter_layers(model).values())
+
+
+class CompiledDecodeStep:
+    """A model's ``forward`` compiled for one-token steps (decode, static KV cache) and eager otherwise: a prompt's
+    length changes with every prompt, so compiling prefill would mean one compilation per length, and prefill is a
+    single call per reply. transformers' own compiled ``generate`` does the same split but refuses bitsandbytes
+    models (their quantizer says "not compileable"); measured on CPU they compile without a graph break
+    (BENCHMARKS.md). ``eager`` is set while a reply records routing traces, and for good when compiling fails:
+    the step then runs eager after one warning instead of ending the chat."""
+
+    def __init__(self, forward: Callable, mode: str = "default", backend: str | Callable = "inductor"):
+        functools.update_wrapper(self, forward)  # generate reads forward's signature
+        self.eager_forward = forward
+        self.compiled_forward = torch.compile(forward, mode=mode, backend=backend)  # compiles on its first call
+        self.eager = False
+        self.failed: str | None = None  # why compiling failed, once it has
+        self.compiled_steps = 0  # one-token forwards the compiled step ran (tests, diagnostics)
+
+    def __call__(self, *args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.eager or ids is None or ids.shape[-1] != 1 or torch.is_grad_enabled():
+            return self.eager_forward(*args, **kwargs)
+        try:
+            out = self.compiled_forward(*args, **kwargs)
+            self.compiled_steps += 1
+            return out
+        except Exception as exc:  # noqa: BLE001 - a compiler failure (no C++ compiler, an unsupported op): run eager
+            root = exc  # torch wraps the compiler's own error (BackendCompilerFailed.inner_exception): name that one
+            while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+                root = inner
+            first = str(root).strip().splitlines()[0][:300] if str(root).strip() else ""
+            self.failed, self.eager = f"{type(root).__name__}: {first}", True
+            warnings.warn(
+                f"the compiled decode step failed ({self.failed}); decoding eagerly from here on",
+                KernelFallbackWarning,
+                stacklevel=2,
+            )
+            return self.eager_forward(*args, **kwargs)
+
+
+def compile_decode(model: nn.Module, device: str) -> CompiledDecodeStep:
+    """Make ``model.generate`` run a compiled decode step with a static KV cache (see the module docstring and
+    :class:`CompiledDecodeStep`); the compilation happens in the first decode step (tens of seconds on a CPU;
+    torch caches the artefacts on disk). Compiled adapter layers record no routing: set ``.eager`` on the returned
+    step while a generate must trace it."""
+    prepare_compiled_decode(model)
+    # a static cache sized by generate (prompt + new tokens, reused while later replies fit): attention runs over the
+    # whole cache every step, and measured on CPU a 1024-token cache made compiled decoding slower than eager
+    model.generation_config.cache_implementation = "static"
+    step = model.forward
+    if not isinstance(step, CompiledDecodeStep):
+        step = CompiledDecodeStep(model.forward)
+        model.forward = step
+    return step
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

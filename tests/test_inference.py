@@ -375,6 +375,110 @@ def test_importing_qmoe_silences_the_bnb_cpu_kernel_notice_and_doctor_reports_th
 
 
 # ---------------------------------------------------------------------------------------------------------
+# compiled decode step (qmoe chat --compile)
+
+
+def greedy(model, ids, new_tokens=6):
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_compiled_decode_generates_what_the_eager_fast_path_generates(tiny_4bit, method):
+    from qmoe.inference import compile_decode
+
+    model = qmoe.attach(tiny_4bit(), config(method))
+    randomize(model)
+    model.eval()
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    expected_ids, expected_logits = greedy(model, ids)  # eager fast path, dynamic cache
+    step = compile_decode(model, "cpu")
+    got_ids, got_logits = greedy(model, ids)
+    assert step.failed is None and step.compiled_steps == 5  # prefill eager, the 5 one-token steps compiled
+    assert torch.equal(got_ids, expected_ids)
+    torch.testing.assert_close(got_logits, expected_logits, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_decode_follows_a_changed_adapter_and_traced_replies_run_eager(chat_model_dir, tmp_path):
+    from qmoe.chat import load_chat_model, stream_reply
+
+    model = qmoe.attach(load_model_nf4(chat_model_dir), config("moelora", num_experts=4, top_k=2, r=2))
+    randomize(model)
+    adapter = qmoe.save_adapter(model, tmp_path / "adapter")
+    messages = [{"role": "user", "content": "Tom has 3 apples and buys 5 more."}]
+
+    def reply(chat, **kw):
+        return [e for e in stream_reply(chat, messages, max_new_tokens=5, **kw) if e.get("done")][0]
+
+    plain = load_chat_model(adapter, base_source=str(chat_model_dir), device="cpu")
+    compiled = load_chat_model(adapter, base_source=str(chat_model_dir), device="cpu", compile=True)
+    assert compiled.compiled and not plain.compiled
+    assert reply(compiled)["tokens"] == reply(plain)["tokens"]
+    step = compiled.model.forward
+    assert step.failed is None and step.compiled_steps == 4
+    # an adapter changed in place between replies (both models alike): the compiled step serves the new weights
+    for chat in (plain, compiled):
+        with torch.no_grad():
+            for layer in qmoe.adapter_layers(chat.model).values():
+                layer.lora_B.mul_(-3.0)
+    assert reply(compiled)["tokens"] == reply(plain)["tokens"]
+    assert step.compiled_steps == 8
+    # a reply that shows routing runs uncompiled (compiled layers record none) and records every token's routing
+    traced = reply(compiled, trace=True)
+    assert step.compiled_steps == 8 and not step.eager
+    assert traced["routing"] and all(w.shape[0] == len(traced["tokens"]) for w in traced["routing"].values())
+    assert traced["tokens"] == reply(plain, trace=True)["tokens"]
+
+
+@pytest.mark.slow
+def test_a_decode_step_that_fails_to_compile_runs_eager_after_one_warning(tiny_4bit):
+    from qmoe.inference import CompiledDecodeStep, prepare_compiled_decode
+    from qmoe.kernels.selfcheck import KernelFallbackWarning
+
+    model = qmoe.attach(tiny_4bit(), config("lora"))
+    randomize(model)
+    model.eval()
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    expected_ids, _ = greedy(model, ids)
+
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    prepare_compiled_decode(model)
+    model.forward = CompiledDecodeStep(model.forward, backend=no_compiler)
+    with pytest.warns(KernelFallbackWarning, match="compiled decode step failed .*no C\\+\\+ compiler") as caught:
+        got_ids, _ = greedy(model, ids)
+    assert len(caught) == 1 and model.forward.eager and model.forward.compiled_steps == 0
+    assert torch.equal(got_ids, expected_ids)
+
+
+@pytest.mark.slow
+def test_layers_compiled_without_prepared_weights_fuse_them_in_the_graph(tiny_4bit):
+    from qmoe.inference import CompiledDecodeStep
+
+    model = qmoe.attach(tiny_4bit(), config("moelora"))
+    randomize(model)
+    model.eval()
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    expected_ids, expected_logits = greedy(model, ids, new_tokens=3)
+    model.forward = CompiledDecodeStep(model.forward)  # without qmoe.inference.compile_decode's preparation
+    got_ids, got_logits = greedy(model, ids, new_tokens=3)
+    assert model.forward.compiled_steps == 2 and model.forward.failed is None
+    assert torch.equal(got_ids, expected_ids)
+    torch.testing.assert_close(got_logits, expected_logits, atol=1e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # qmoe bench --generate
 
 

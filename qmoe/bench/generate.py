@@ -14,7 +14,9 @@ LoRA at qmoe LoRA's rank on the same frozen weights, unmerged: the baseline user
 (the LoRA folded into dense weights, ``qmoe chat --merge``), the base on the other choice of frozen weights
 (``base-4bit`` or ``base-dequantised``, see ``--dequantize``), ``moelora-eager`` (the fast path with qmoe's
 CPU kernels off, ``QMOE_KERNELS=torch``: what the kernels save) and ``moelora-4bit-reference`` (4-bit
-weights and the training code path: what chat ran before the inference fast path existed).
+weights and the training code path: what chat ran before the inference fast path existed). With ``compiled``
+(``--compile``): ``base-compiled`` and ``<method>-compiled``, the same models with their decode step compiled
+(``qmoe chat --compile``, qmoe.inference.compile_decode) and a static KV cache, compiled before the timed rounds.
 """
 
 from __future__ import annotations
@@ -51,6 +53,33 @@ def _decode_loop(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, dev
             mask = torch.cat([mask, torch.ones_like(token)], 1)
             out = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
             cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+        synchronize(device)
+        w2, c2 = time.perf_counter(), time.process_time()
+    return w1 - w0, c1 - c0, w2 - w1, c2 - c1
+
+
+def _decode_loop_static(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, device: str) -> tuple[float, ...]:
+    """:func:`_decode_loop` with a static KV cache of exactly prompt + new tokens, as a compiled decode step needs
+    (``qmoe.inference.compile_decode``: ``model``'s one-token forwards run compiled). No attention mask: the rows are
+    the same unpadded prompt, and a mask growing by one column per step would change the compiled graph's input."""
+    from transformers import StaticCache
+
+    from .timing import synchronize
+
+    length = ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=length + new_tokens + 1)
+    with torch.no_grad():
+        synchronize(device)
+        w0, c0 = time.perf_counter(), time.process_time()
+        positions = torch.arange(length, device=ids.device)
+        out = model(input_ids=ids, cache=cache, use_cache=True, cache_position=positions)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        synchronize(device)
+        w1, c1 = time.perf_counter(), time.process_time()
+        for i in range(new_tokens):
+            position = torch.tensor([length + i], device=ids.device)
+            out = model(input_ids=token, cache=cache, use_cache=True, cache_position=position)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
         synchronize(device)
         w2, c2 = time.perf_counter(), time.process_time()
     return w1 - w0, c1 - c0, w2 - w1, c2 - c1
@@ -182,9 +211,10 @@ def measure_generation(
     warmup: int = 1,
     dequantize: str = "auto",
     progress: Callable[[str], None] | None = None,
+    compiled: bool = False,
 ) -> dict:
     from .. import attach, kernels
-    from ..inference import dequantize_frozen
+    from ..inference import compile_decode, dequantize_frozen
     from ..kernels import cpu_decode
     from ..models import load_base_model
     from . import machine_info
@@ -227,15 +257,30 @@ def measure_generation(
         models[name] = attach(share_frozen_clone(four_bit), method_config("moelora", dropout=0.0)).eval()
         params[name] = params["moelora"]
         reference.add(name)
+    static = set()
+    if compiled:
+        # the base and each method again, with their decode step compiled (qmoe chat --compile)
+        for name in [BASE, *methods]:
+            model = share_frozen_clone(base).eval() if name == BASE else None
+            if model is None:
+                model = attach(share_frozen_clone(base), method_config(name, dropout=0.0)).eval()
+            compile_decode(model, device)
+            models[f"{name}-compiled"], params[f"{name}-compiled"] = model, params[name]
+            static.add(f"{name}-compiled")
     rows = []
     for batch in batch_sizes:
         ids = prompt.expand(batch, -1).contiguous()
         candidates = {}
         for name, model in models.items():
-            run = lambda m=model, i=ids: _decode_loop(m, i, new_tokens, device)  # noqa: E731
+            loop = _decode_loop_static if name in static else _decode_loop
+            run = lambda m=model, i=ids, f=loop: f(m, i, new_tokens, device)  # noqa: E731
             candidates[name] = (
                 _with_reference_path(run) if name in reference else _with_eager_kernels(run) if name in eager else run
             )
+        if static:
+            say(f"compiling the decode step of {len(static)} models at batch {batch} (once each)")
+            for name in static:
+                candidates[name]()
         say(f"generation, batch {batch}: {len(candidates)} models x {repeats} rounds of {new_tokens} new tokens")
         summary = paired_ratios(_interleaved(candidates, repeats, warmup))
         for name, m in summary.items():

@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens generated per run (default 32)")
     parser.add_argument("--repeats", type=int, default=3, help="--generate: timed interleaved rounds (default 3)")
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="--generate: also the base and each method with a compiled decode step (qmoe chat --compile; "
+        "compiling takes up to a minute per model on a CPU)",
+    )
+    parser.add_argument(
         "--methods",
         nargs="+",
         metavar="METHOD",
@@ -110,6 +116,7 @@ def _run_generate(args: argparse.Namespace, device: str, err) -> int:
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         progress=lambda msg: err.print(msg, highlight=False),
+        compiled=args.compile,
     )
     result["meta"]["command"] = command_line(args)
     table = markdown_generation(result)

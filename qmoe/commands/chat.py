@@ -35,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "over a dequantised copy; on CPUs with bitsandbytes' bf16 4-bit kernel the unmerged adapter is faster); "
         "mixtures cannot be merged",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step (torch.compile, static KV cache): faster replies after the first, which "
+        "waits for the compilation (about a minute on a CPU); --routing replies run uncompiled",
+    )
 
 
 def pick_layer(routed: list[str], wanted: str | None) -> str:
@@ -52,7 +58,12 @@ def run(args: argparse.Namespace) -> int:
     from ..chat import load_chat_model, stream_reply, top_experts
 
     chat = load_chat_model(
-        args.path, base_source=args.base, revision=args.revision, dequantize=args.dequantize, merge=args.merge
+        args.path,
+        base_source=args.base,
+        revision=args.revision,
+        dequantize=args.dequantize,
+        merge=args.merge,
+        compile=args.compile,
     )
     layer = pick_layer(chat.routed_layers, args.layer) if args.routing else None
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -60,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         f"chatting with {chat.source}"
         + (f" + {chat.adapter_dir}" if chat.adapter_dir else "")
         + (" (merged)" if chat.merged else "")
+        + ("; compiled decode step" if chat.compiled else "")
         + ("; 4-bit weights dequantised once in RAM (--dequantize off keeps them 4-bit)" if chat.dequantized else "")
         + (f"; routing of {layer}" if layer else "")
         + ". Empty line or Ctrl-D quits.",

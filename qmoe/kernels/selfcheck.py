@@ -38,7 +38,8 @@ def tolerances(dtype: torch.dtype) -> dict:
 
 
 class KernelFallbackWarning(RuntimeWarning):
-    """A Triton kernel failed its self-check; ``auto`` runs the PyTorch path for it instead."""
+    """A fast path cannot be used (a Triton or C++ kernel failed to build or its self-check, or the compiled decode
+    step failed to compile); qmoe runs the plain PyTorch path instead."""
 
 
 _verdicts: dict[tuple, str | None] = {}  # key -> None (usable) or why not

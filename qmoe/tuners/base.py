@@ -114,6 +114,8 @@ class AdapterLayer(nn.Module):
         # inference fast path: (kernel backend, decoder) with the weights fused from the adapter parameters; the
         # decoder says when they changed (run() returns None) and is rebuilt
         self._inference_cache: tuple[str, Decoder] | None = None
+        # the fused weights forward_compiled reads under torch.compile: (up_t, down_t, parameter stamp)
+        self._compiled_weights: tuple[torch.Tensor, torch.Tensor, list] | None = None
         # auxiliary losses of the last training forward, by name: tensors in the graph, or zero-argument callables
         # that compute one when first asked (aux_losses), outside gradient checkpointing's recomputed region
         self.aux: dict[str, torch.Tensor | Callable[[], torch.Tensor]] = {}
@@ -203,6 +205,8 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not _fast_inference or self.training or torch.is_grad_enabled():
             return self.forward_reference(x, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            return self.forward_compiled(x, *args, **kwargs)
         # The inference fast path: the same function as forward_reference up to float rounding, with the weights
         # fused once, no dropout, the adapter's output added into the base layer's result in place. Written
         # inline and short: at decode time every line here runs per adapted layer per token, several times
@@ -220,6 +224,37 @@ class AdapterLayer(nn.Module):
             if ctx.trace:
                 self.trace_records.append({"weights": ran[1]})
         return ran[0]
+
+    def forward_compiled(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The fast path as ``torch.compile`` traces it (``qmoe.inference.compile_decode``): the method's eager
+        :meth:`inference_step` on the fused weights :meth:`prepare_compiled` made (without them, fused inside the
+        graph: correct, but redone every step), no C++ kernel call (opaque to the compiler) and no routing
+        telemetry (a per-layer side effect the graph would have to replay; traced chat replies run uncompiled)."""
+        result = self.base_layer(x, *args, **kwargs)
+        held = self._compiled_weights
+        if held is None:
+            up, down = self.fused_weights()
+            up_t, down_t = up.t(), down.t()
+        else:
+            up_t, down_t = held[0], held[1]
+        flat = x.reshape(-1, up_t.shape[0]).to(up_t.dtype)
+        delta = flat.new_zeros(flat.shape[0], down_t.shape[1])
+        self.inference_step(delta, flat, up_t, down_t)
+        return result + delta.view(*x.shape[:-1], down_t.shape[1]).to(result.dtype)
+
+    def prepare_compiled(self) -> bool:
+        """Fuse the weights :meth:`forward_compiled` reads, unless those already held match the parameters (their
+        in-place versions and storage); True when it (re)built them. New tensors make a compiled graph that read
+        the old ones recompile (its guards check them), so a changed adapter is never served stale."""
+        params = [self._parameters[name] for name in self.adapter_param_names]
+        stamp = [(p._version, p.data_ptr()) for p in params]
+        held = self._compiled_weights
+        if held is not None and held[2] == stamp:
+            return False
+        with torch.no_grad():
+            up, down = self.fused_weights()
+            self.__dict__["_compiled_weights"] = (up.t().contiguous(), down.t().contiguous(), stamp)
+        return True
 
     def forward_reference(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The training code path (autograd, dropout, auxiliary losses); any mode."""
@@ -280,6 +315,7 @@ class AdapterLayer(nn.Module):
 
     def _drop_inference_cache(self) -> None:
         self.__dict__["_inference_cache"] = None  # (also called from register_parameter during __init__)
+        self.__dict__["_compiled_weights"] = None
 
     def train(self, mode: bool = True) -> AdapterLayer:
         self._drop_inference_cache()  # back to training: the parameters will change; free the fused copy
@@ -293,7 +329,7 @@ class AdapterLayer(nn.Module):
 
     def __getstate__(self) -> dict:
         # copy.deepcopy and pickle: the decoder (a C++ object holding the old parameters) is rebuilt, not copied
-        return {**super().__getstate__(), "_inference_cache": None}
+        return {**super().__getstate__(), "_inference_cache": None, "_compiled_weights": None}
 
     def _apply(self, fn, recurse: bool = True):
         self._drop_inference_cache()  # .to(), .half(), .cuda(): new tensors, maybe new Parameter objects

@@ -75,7 +75,8 @@ class LoraCoELayer(AdapterLayer):
             return super().inference_step(out, flat, up_t, down_t)
         e, r = self.config.num_experts, self.config.r
         z = torch.mm(flat, up_t)
-        if self._inference_backend == "triton":  # one fused kernel instead of the ops below (CUDA decode)
+        # one fused kernel instead of the ops below (CUDA decode); under torch.compile the ops, which it fuses itself
+        if self._inference_backend == "triton" and not torch.compiler.is_compiling():
             from ...kernels.triton_kernels import loracoe_forward
 
             gated, weights = loracoe_forward(z, e, r, 1.0)

@@ -99,7 +99,8 @@ class MoELoraLayer(AdapterLayer):
         c = self.config
         n, r = c.num_experts, c.r
         z = torch.mm(flat, up_t)
-        if self._inference_backend == "triton":  # one fused kernel instead of the ops below (CUDA decode)
+        # one fused kernel instead of the ops below (CUDA decode); under torch.compile the ops, which it fuses itself
+        if self._inference_backend == "triton" and not torch.compiler.is_compiling():
             from ...kernels.triton_kernels import moelora_forward
 
             gated, _, top_ids, gate = moelora_forward(z, n, r, c.top_k)
