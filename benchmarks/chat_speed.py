@@ -4,7 +4,9 @@ configuration in its own process (so each builds its own state as chat does), in
 
     python benchmarks/chat_speed.py [--rounds 3] [--new-tokens 64] [--json FILE]
 
-Configurations: the base model, and the adapter with everything chat does by default now; with qmoe's CPU
+Configurations: the base model, and the adapter with everything chat does by default now; both with
+``--compile`` (timed after two warm-up replies: the first compiles the decode step, the second, longer one
+compiles it again for any cache length, as every chat's second reply does); the adapter with qmoe's CPU
 kernels off (QMOE_KERNELS=torch); with two generation threads (QMOE_CHAT_THREADS=2, for the adapter and the
 base); and as chat ran when issue 18 was filed (the training code path, QMOE_FAST_INFERENCE=0, and two
 threads). The adapter's values are random but small, so every adapter configuration generates the same text.
@@ -22,14 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
+# name -> (environment, with the adapter, qmoe chat --compile)
 CONFIGS = {
-    "base": ({}, False),
-    "moelora (default)": ({}, True),
-    "moelora, CPU kernels off": ({"QMOE_KERNELS": "torch"}, True),
-    "moelora, 2 chat threads": ({"QMOE_CHAT_THREADS": "2"}, True),
-    "base, 2 chat threads": ({"QMOE_CHAT_THREADS": "2"}, False),
+    "base": ({}, False, False),
+    "moelora (default)": ({}, True, False),
+    "base, --compile": ({}, False, True),
+    "moelora, --compile": ({}, True, True),
+    "moelora, CPU kernels off": ({"QMOE_KERNELS": "torch"}, True, False),
+    "moelora, 2 chat threads": ({"QMOE_CHAT_THREADS": "2"}, True, False),
+    "base, 2 chat threads": ({"QMOE_CHAT_THREADS": "2"}, False, False),
     # how chat ran when issue 18 was filed: the training code path, torch's default threads (this machine's 2)
-    "moelora, as filed": ({"QMOE_FAST_INFERENCE": "0", "QMOE_CHAT_THREADS": "2"}, True),
+    "moelora, as filed": ({"QMOE_FAST_INFERENCE": "0", "QMOE_CHAT_THREADS": "2"}, True, False),
 }
 PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many?"
 
@@ -57,16 +62,25 @@ def make_adapter(folder: Path) -> None:
     save_adapter(model, folder)
 
 
-def one_reply(adapter: str | None, new_tokens: int) -> dict:
+def one_reply(adapter: str | None, new_tokens: int, compile: bool) -> dict:
     from qmoe.chat import load_chat_model, stream_reply
 
-    chat = load_chat_model(adapter)
+    chat = load_chat_model(adapter, compile=compile)
     messages = [{"role": "user", "content": PROMPT}]
-    list(stream_reply(chat, messages, max_new_tokens=4))  # warm-up (fused weights, kernels loaded)
+    list(stream_reply(chat, messages, max_new_tokens=4))  # warm-up (fused weights, kernels loaded, compiled)
+    if compile:
+        # a second, longer reply grows the static cache and compiles the step once more, for any cache length
+        # (what every later reply of a chat runs); the timed reply then fits in that cache
+        compile_wall = time.perf_counter()
+        list(stream_reply(chat, messages, max_new_tokens=new_tokens + 8))
+        compile_wall = time.perf_counter() - compile_wall
     wall, cpu = time.perf_counter(), time.process_time()
     done = [e for e in stream_reply(chat, messages, max_new_tokens=new_tokens) if e.get("done")][0]
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"tokens": len(done["tokens"]), "wall_s": wall, "cpu_s": cpu, "text": done["text"]}
+    result = {"tokens": len(done["tokens"]), "wall_s": wall, "cpu_s": cpu, "text": done["text"]}
+    if compile:  # (the second warm-up reply's wall time, its recompilation included; compiled one-token steps)
+        result.update(warmup_compile_s=compile_wall, compiled_steps=chat.model.forward.compiled_steps)
+    return result
 
 
 def main() -> int:
@@ -74,11 +88,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", nargs=2, metavar=("ADAPTER", "NEW_TOKENS"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("ADAPTER", "NEW_TOKENS", "COMPILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        adapter, tokens = args.child
-        print(json.dumps(one_reply(None if adapter == "-" else adapter, int(tokens))))
+        adapter, tokens, compile = args.child
+        print(json.dumps(one_reply(None if adapter == "-" else adapter, int(tokens), compile == "1")))
         return 0
     runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,9 +100,9 @@ def main() -> int:
         for i in range(args.rounds):
             names = list(CONFIGS)[i % len(CONFIGS) :] + list(CONFIGS)[: i % len(CONFIGS)]
             for name in names:
-                env, with_adapter = CONFIGS[name]
+                env, with_adapter, compile = CONFIGS[name]
                 adapter = str(Path(tmp) / "adapter") if with_adapter else "-"
-                cmd = [sys.executable, __file__, "--child", adapter, str(args.new_tokens)]
+                cmd = [sys.executable, __file__, "--child", adapter, str(args.new_tokens), "1" if compile else "0"]
                 out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=True)
                 runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 last = runs[name][-1]

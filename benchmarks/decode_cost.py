@@ -5,8 +5,9 @@ NF4 (issue 18: why LoRA's ratio stays below 0.95x on a CPU).
     python benchmarks/decode_cost.py [--ranks 1 4 8 16 32] [--repeats 5] [--json FILE]
 
 A rank-1 LoRA moves almost no adapter weights, so its ratio to the base is the fixed per-layer cost (a module
-call, the kernel call, the bookkeeping); each rank beyond adds 4 * (in + out) bytes per adapted projection that
-stream through the caches every token. Timed interleaved in one process with ``qmoe.bench.generate``'s loop
+call, the kernel call, the bookkeeping); each rank beyond adds a row of A and one of B per adapted projection,
+read every token from memory the 4-bit kernel has just evicted (BENCHMARKS.md: their latency, not their bytes,
+is the cost). Timed interleaved in one process with ``qmoe.bench.generate``'s loop
 (greedy, KV cache, one thread); ratios = base time / model time within each round, the median over rounds and
 the lowest and highest round; CPU time beside wall.
 """

@@ -273,6 +273,9 @@ def summary(args) -> int:
     generation = out / "generation.md"
     if generation.is_file():
         lines += ["### Chat generation, base vs each method's freshly attached adapter", "", generation.read_text()]
+    compiled = out / "generation-compiled.md"
+    if compiled.is_file():
+        lines += ["### The same with the decode step compiled (`qmoe chat --compile`)", "", compiled.read_text()]
     text = "\n".join(lines).rstrip() + "\n"
     (out / "summary.md").write_text(text)
     print(text, end="")

@@ -3,7 +3,8 @@
 # setup (.venv with the CUDA torch wheel), qmoe doctor, the GPU tests (pytest -m gpu), the quick CUDA benchmark
 # plan with and without the Triton kernels (time and max_memory_allocated vs PEFT LoRA), the quickstart recipe
 # end to end on CUDA in bf16 (peak memory, training tokens/s), chat generation tokens/s (base vs each method's
-# adapter), and summary.md, ready to paste into BENCHMARKS.md. Everything goes into one folder, $OUT.
+# adapter; again with the decode step compiled), and summary.md, ready to paste into BENCHMARKS.md. Everything
+# goes into one folder, $OUT.
 #
 #   bash benchmarks/gpu_validation.sh             # the GPU run; without CUDA it stops at once with exit status 3
 #   bash benchmarks/gpu_validation.sh --dry-run   # the same steps on CPU with tiny sizes (a few minutes)
@@ -23,7 +24,7 @@ DRY=0
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY=1 ;;
-    -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_validation.sh: unknown argument $arg (use --dry-run or --help)" >&2; exit 2 ;;
   esac
 done
@@ -148,6 +149,14 @@ GENERATION=()
 [ $DRY = 1 ] && GENERATION=(--new-tokens 8 --repeats 1 --warmup 0)
 step generation 600 $PY benchmarks/generation_speed.py --device $DEVICE "${GENERATION[@]}" \
   --json "$OUT/generation.json" --markdown "$OUT/generation.md"
+
+# the compiled decode step (qmoe chat --compile): whether torch.compile pays on this GPU (on CPU: BENCHMARKS.md)
+if [ $DRY = 1 ]; then
+  skipped generation-compiled "dry run: compiling the builtin model takes minutes on a CPU"
+else
+  step generation-compiled 900 $PY benchmarks/generation_speed.py --device $DEVICE --methods moelora lora \
+    --batch-sizes 1 --compile --json "$OUT/generation-compiled.json" --markdown "$OUT/generation-compiled.md"
+fi
 
 # ---- summary ------------------------------------------------------------------------------------------------------
 SUMMARY=()

@@ -1,7 +1,7 @@
 """Chatting with a tuned model, shared by ``qmoe chat`` and the UI's Chat tab.
 
 ``load_chat_model(path=None, base_source=None, quantization="nf4", compute_dtype="auto", device="auto",
-revision=None)``
+revision=None, dequantize="auto", merge=False, compile=False)``
     -> :class:`ChatModel`. ``path`` is a run directory (its recipe names the base model and its ``adapter/``
     is loaded), an adapter folder (base model from ``base_source`` or the folder's
     ``base_model_name_or_path``), a hub repo id of an adapter (``owner/name``, downloaded into the hub cache;

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import types
 import warnings
 from collections.abc import Callable
 
@@ -156,10 +157,21 @@ class CompiledDecodeStep:
     (BENCHMARKS.md). ``eager`` is set while a reply records routing traces, and for good when compiling fails:
     the step then runs eager after one warning instead of ending the chat."""
 
-    def __init__(self, forward: Callable, mode: str = "default", backend: str | Callable = "inductor"):
+    def __init__(
+        self,
+        forward: Callable,
+        mode: str = "default",
+        backend: str | Callable = "inductor",
+        dynamic: bool | None = None,
+    ):
         functools.update_wrapper(self, forward)  # generate reads forward's signature
         self.eager_forward = forward
-        self.compiled_forward = torch.compile(forward, mode=mode, backend=backend)  # compiles on its first call
+        # compiled: a copy of forward with its own code object. torch keeps compiled graphs per code object, and every
+        # model of a class shares one: several compiled models in a process (a benchmark) would count as recompiles
+        # of one function and reach torch's limit (then run eager, silently).
+        # dynamic None: the first graph is for the first shapes, and a second, shape-generic one follows when a shape
+        # changes (a longer chat outgrowing its KV cache); False: one graph per shape (benchmarks)
+        self.compiled_forward = torch.compile(_own_code(forward), mode=mode, backend=backend, dynamic=dynamic)
         self.eager = False
         self.failed: str | None = None  # why compiling failed, once it has
         self.compiled_steps = 0  # one-token forwards the compiled step ran (tests, diagnostics)
@@ -186,7 +198,17 @@ class CompiledDecodeStep:
             return self.eager_forward(*args, **kwargs)
 
 
-def compile_decode(model: nn.Module, device: str) -> CompiledDecodeStep:
+def _own_code(method: Callable) -> Callable:
+    """A bound method's function copied with a code object of its own, bound to the same instance."""
+    if not isinstance(method, types.MethodType):
+        return method
+    fn = method.__func__
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__, own.__dict__ = fn.__kwdefaults__, dict(fn.__dict__)
+    return types.MethodType(own, method.__self__)
+
+
+def compile_decode(model: nn.Module, device: str, dynamic: bool | None = None) -> CompiledDecodeStep:
     """Make ``model.generate`` run a compiled decode step with a static KV cache (see the module docstring and
     :class:`CompiledDecodeStep`); the compilation happens in the first decode step (tens of seconds on a CPU;
     torch caches the artefacts on disk). Compiled adapter layers record no routing: set ``.eager`` on the returned
@@ -197,7 +219,7 @@ def compile_decode(model: nn.Module, device: str) -> CompiledDecodeStep:
     model.generation_config.cache_implementation = "static"
     step = model.forward
     if not isinstance(step, CompiledDecodeStep):
-        step = CompiledDecodeStep(model.forward)
+        step = CompiledDecodeStep(model.forward, dynamic=dynamic)
         model.forward = step
     return step
 

@@ -16,7 +16,8 @@ LoRA at qmoe LoRA's rank on the same frozen weights, unmerged: the baseline user
 CPU kernels off, ``QMOE_KERNELS=torch``: what the kernels save) and ``moelora-4bit-reference`` (4-bit
 weights and the training code path: what chat ran before the inference fast path existed). With ``compiled``
 (``--compile``): ``base-compiled`` and ``<method>-compiled``, the same models with their decode step compiled
-(``qmoe chat --compile``, qmoe.inference.compile_decode) and a static KV cache, compiled before the timed rounds.
+(``qmoe chat --compile``, qmoe.inference.compile_decode) and a static KV cache, compiled before the timed rounds;
+batch 1 only (chat's case: ``qmoe eval`` does not compile).
 """
 
 from __future__ import annotations
@@ -264,7 +265,9 @@ def measure_generation(
             model = share_frozen_clone(base).eval() if name == BASE else None
             if model is None:
                 model = attach(share_frozen_clone(base), method_config(name, dropout=0.0)).eval()
-            compile_decode(model, device)
+            # static shapes: one fixed-size cache per row (torch would otherwise share shape guesses across the
+            # models' copies of one forward and compile them shape-generic, slower to build and to run)
+            compile_decode(model, device, dynamic=False)
             models[f"{name}-compiled"], params[f"{name}-compiled"] = model, params[name]
             static.add(f"{name}-compiled")
     rows = []
@@ -272,13 +275,15 @@ def measure_generation(
         ids = prompt.expand(batch, -1).contiguous()
         candidates = {}
         for name, model in models.items():
+            if name in static and batch != 1:
+                continue  # (chat's case only: qmoe eval does not compile, and a new batch size means a recompile)
             loop = _decode_loop_static if name in static else _decode_loop
             run = lambda m=model, i=ids, f=loop: f(m, i, new_tokens, device)  # noqa: E731
             candidates[name] = (
                 _with_reference_path(run) if name in reference else _with_eager_kernels(run) if name in eager else run
             )
-        if static:
-            say(f"compiling the decode step of {len(static)} models at batch {batch} (once each)")
+        if static and batch == 1:
+            say(f"compiling the decode step of {len(static)} models (once each)")
             for name in static:
                 candidates[name]()
         say(f"generation, batch {batch}: {len(candidates)} models x {repeats} rounds of {new_tokens} new tokens")
