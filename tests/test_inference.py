@@ -410,6 +410,8 @@ def test_compiled_decode_generates_what_the_eager_fast_path_generates(tiny_4bit,
 
 @pytest.mark.slow
 def test_compiled_decode_follows_a_changed_adapter_and_traced_replies_run_eager(chat_model_dir, tmp_path):
+    from pipeline_support import qmoe_cli
+
     from qmoe.chat import load_chat_model, stream_reply
 
     model = qmoe.attach(load_model_nf4(chat_model_dir), config("moelora", num_experts=4, top_k=2, r=2))
@@ -438,6 +440,10 @@ def test_compiled_decode_follows_a_changed_adapter_and_traced_replies_run_eager(
     assert step.compiled_steps == 8 and not step.eager
     assert traced["routing"] and all(w.shape[0] == len(traced["tokens"]) for w in traced["routing"].values())
     assert traced["tokens"] == reply(plain, trace=True)["tokens"]
+    # the command line: qmoe chat --compile says so and replies
+    printed = qmoe_cli("chat", adapter, "--base", chat_model_dir, "--compile", "--max-new-tokens", "3", input="Hi\n\n")
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    assert "compiled decode step" in printed.stderr and "Traceback" not in printed.stderr
 
 
 @pytest.mark.slow
