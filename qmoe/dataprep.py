@@ -269,8 +269,9 @@ def _parse_turns(value: str) -> Any:
         return value
 
 
-class _Record:
-    """One row of a batch, for the error messages: file, record number (1-based) and field."""
+class Record:
+    """One row of a source, for the error messages: file, record number (1-based) and field (to_messages reads
+    it; qmoe.compare builds its validation split from it)."""
 
     def __init__(self, where: str, index: int, row: dict):
         self.where, self.index, self.row = where, index, row
@@ -293,7 +294,7 @@ class _Record:
         return str(value)
 
 
-def to_messages(record: _Record, layout: Layout, data: DataSection) -> list[dict] | str:
+def to_messages(record: Record, layout: Layout, data: DataSection) -> list[dict] | str:
     """The record as chat messages (the recipe's system prompt and prompt template applied), or the reason it is
     skipped ('empty answer')."""
     if layout.format in ("sharegpt", "messages"):
@@ -318,7 +319,7 @@ def to_messages(record: _Record, layout: Layout, data: DataSection) -> list[dict
     return single_turn(data.prompt_template.replace("{prompt}", prompt), answer, data.system_prompt)
 
 
-def _conversation(record: _Record, layout: Layout, data: DataSection) -> list[dict] | str:
+def _conversation(record: Record, layout: Layout, data: DataSection) -> list[dict] | str:
     name = layout.messages
     turns = record.row.get(name)
     if isinstance(turns, str):
@@ -364,7 +365,7 @@ class Encoder:
         columns = list(batch)
         conversations, skipped = [], {}
         for k, index in enumerate(indices):
-            record = _Record(self.where, index, {c: batch[c][k] for c in columns})
+            record = Record(self.where, index, {c: batch[c][k] for c in columns})
             messages = to_messages(record, self.layout, self.data)
             if isinstance(messages, str):
                 skipped[k] = messages

@@ -33,7 +33,7 @@ def validation_split(data: DataSection, last: int) -> list[dict]:
     """The last ``last`` records of the training source ``data`` names (any single-turn format qmoe trains on),
     as ``{"prompt", "target", "system"}`` exactly as training renders them (prompt template, system prompt).
     Refuses when ``data.limit`` (the runs train on the first ``limit`` records; none = all) reaches into them."""
-    from ..dataprep import _Record, detect_layout, load_source, to_messages
+    from ..dataprep import Record, detect_layout, load_source, to_messages
 
     source = load_source(data.model_copy(update={"limit": None}))
     total = len(source.dataset)
@@ -48,7 +48,7 @@ def validation_split(data: DataSection, last: int) -> list[dict]:
     layout = source.layout or detect_layout(source.dataset, data, source.where)[0]
     records = []
     for index in range(total - last, total):
-        messages = to_messages(_Record(source.where, index, source.dataset[index]), layout, data)
+        messages = to_messages(Record(source.where, index, source.dataset[index]), layout, data)
         if isinstance(messages, str):  # a record training would skip ('empty answer'): not a validation problem
             continue
         turns = [m for m in messages if m["role"] != "system"]
