@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .kernels.selfcheck import KernelFallbackWarning
+from .kernels.selfcheck import KernelFallbackWarning, failure_summary
 
 log = logging.getLogger("qmoe")
 
@@ -185,11 +185,7 @@ class CompiledDecodeStep:
             self.compiled_steps += 1
             return out
         except Exception as exc:  # noqa: BLE001 - a compiler failure (no C++ compiler, an unsupported op): run eager
-            root = exc  # torch wraps the compiler's own error (BackendCompilerFailed.inner_exception): name that one
-            while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
-                root = inner
-            first = str(root).strip().splitlines()[0][:300] if str(root).strip() else ""
-            self.failed, self.eager = f"{type(root).__name__}: {first}", True
+            self.failed, self.eager = failure_summary(exc), True
             warnings.warn(
                 f"the compiled decode step failed ({self.failed}); decoding eagerly from here on",
                 KernelFallbackWarning,

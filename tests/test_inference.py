@@ -391,16 +391,22 @@ def greedy(model, ids, new_tokens=6):
     return out.sequences, torch.stack(out.logits, 1)
 
 
+def eager_greedy(tiny_4bit, method, new_tokens=6):
+    """(model, prompt ids, and the ids and logits its uncompiled fast path generates, dynamic cache) for a tiny
+    NF4 model with a randomized ``method`` adapter, in eval mode."""
+    model = qmoe.attach(tiny_4bit(), config(method))
+    randomize(model)
+    model.eval()
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    return model, ids, *greedy(model, ids, new_tokens)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_compiled_decode_generates_what_the_eager_fast_path_generates(tiny_4bit, method):
     from qmoe.inference import compile_decode
 
-    model = qmoe.attach(tiny_4bit(), config(method))
-    randomize(model)
-    model.eval()
-    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
-    expected_ids, expected_logits = greedy(model, ids)  # eager fast path, dynamic cache
+    model, ids, expected_ids, expected_logits = eager_greedy(tiny_4bit, method)
     step = compile_decode(model, "cpu")
     got_ids, got_logits = greedy(model, ids)
     assert step.failed is None and step.compiled_steps == 5  # prefill eager, the 5 one-token steps compiled
@@ -451,11 +457,7 @@ def test_a_decode_step_that_fails_to_compile_runs_eager_after_one_warning(tiny_4
     from qmoe.inference import CompiledDecodeStep, prepare_compiled_decode
     from qmoe.kernels.selfcheck import KernelFallbackWarning
 
-    model = qmoe.attach(tiny_4bit(), config("lora"))
-    randomize(model)
-    model.eval()
-    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
-    expected_ids, _ = greedy(model, ids)
+    model, ids, expected_ids, _ = eager_greedy(tiny_4bit, "lora")
 
     def no_compiler(graph, example_inputs):
         raise RuntimeError("no C++ compiler here")
@@ -472,11 +474,7 @@ def test_a_decode_step_that_fails_to_compile_runs_eager_after_one_warning(tiny_4
 def test_layers_compiled_without_prepared_weights_fuse_them_in_the_graph(tiny_4bit):
     from qmoe.inference import CompiledDecodeStep
 
-    model = qmoe.attach(tiny_4bit(), config("moelora"))
-    randomize(model)
-    model.eval()
-    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
-    expected_ids, expected_logits = greedy(model, ids, new_tokens=3)
+    model, ids, expected_ids, expected_logits = eager_greedy(tiny_4bit, "moelora", new_tokens=3)
     model.forward = CompiledDecodeStep(model.forward)  # without qmoe.inference.compile_decode's preparation
     got_ids, got_logits = greedy(model, ids, new_tokens=3)
     assert model.forward.compiled_steps == 2 and model.forward.failed is None
@@ -528,6 +526,20 @@ def test_generation_ratios_pair_each_round_with_the_base_run_of_the_same_round()
     assert adapter["decode_s"] == 12.5  # the times themselves: medians over rounds
     assert summary["base"]["decode_s_ratio_range"] == [1.0, 1.0]
     assert ratio_cell(adapter, "decode_s") == "1.00 (0.80–1.00)" and ratio_cell(summary["base"], "decode_s") == "1.00"
+
+
+@pytest.mark.slow
+def test_generation_bench_adds_compiled_rows_at_batch_one(chat_model_dir):
+    from qmoe.bench.generate import measure_generation
+
+    result = measure_generation(
+        str(chat_model_dir), "cpu", ["lora"], (1, 2), new_tokens=2, repeats=1, warmup=0, compiled=True
+    )
+    rows = {(r["model"], r["batch"]): r for r in result["rows"]}
+    assert {("base-compiled", 1), ("lora-compiled", 1)} <= set(rows)
+    assert not {("base-compiled", 2), ("lora-compiled", 2)} & set(rows)  # chat's case only
+    assert rows[("lora-compiled", 1)]["trainable_params"] == rows[("lora", 1)]["trainable_params"] > 0
+    assert rows[("lora-compiled", 1)]["decode_tokens_per_s"] > 0
 
 
 def test_generation_bench_command_checks_its_options(capsys):

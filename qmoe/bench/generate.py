@@ -262,9 +262,8 @@ def measure_generation(
     if compiled:
         # the base and each method again, with their decode step compiled (qmoe chat --compile)
         for name in [BASE, *methods]:
-            model = share_frozen_clone(base).eval() if name == BASE else None
-            if model is None:
-                model = attach(share_frozen_clone(base), method_config(name, dropout=0.0)).eval()
+            clone = share_frozen_clone(base)
+            model = (clone if name == BASE else attach(clone, method_config(name, dropout=0.0))).eval()
             # static shapes: one fixed-size cache per row (torch would otherwise share shape guesses across the
             # models' copies of one forward and compile them shape-generic, slower to build and to run)
             compile_decode(model, device, dynamic=False)

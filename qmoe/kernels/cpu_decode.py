@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .selfcheck import KernelFallbackWarning
+from .selfcheck import KernelFallbackWarning, failure_summary
 
 if TYPE_CHECKING:  # (qmoe.tuners imports this package)
     from ..tuners.base import AdapterLayer
@@ -60,12 +60,12 @@ def kernels() -> ModuleType | None:
                 try:
                     module = _build()
                 except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: run eager
-                    why = f"it could not be built: {_first_line(exc)}"
+                    why = f"it could not be built: {failure_summary(exc)}"
                 if module is not None:
                     try:
                         why = check(module)
                     except Exception as exc:  # noqa: BLE001 - a kernel that raises is not used either
-                        why = f"its self-check raised {_first_line(exc)}"
+                        why = f"its self-check raised {failure_summary(exc)}"
                 if why is not None:
                     module = None
                     warnings.warn(
@@ -96,11 +96,6 @@ def decoder_for(
     rows, cols = packed[: up.numel()].view(up.shape), packed[up.numel() :].view(down_t.shape)
     loops = LOOP_TOKENS[method] if loop_tokens is None else loop_tokens
     return module.Decoder(METHOD_IDS[method], rows, up_t, cols, params, n, r, k, loops)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def status() -> str:

@@ -42,6 +42,16 @@ class KernelFallbackWarning(RuntimeWarning):
     step failed to compile); qmoe runs the plain PyTorch path instead."""
 
 
+def failure_summary(exc: BaseException) -> str:
+    """'Type: first line of the message' (300 characters at most) of why a fast path failed, for the one warning
+    that says so. A wrapped error (torch's BackendCompilerFailed.inner_exception, or a raise ... from) is
+    described by the innermost one: the compiler's own message, not torch's wrapper."""
+    while (inner := getattr(exc, "inner_exception", None) or exc.__cause__) is not None:
+        exc = inner
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 _verdicts: dict[tuple, str | None] = {}  # key -> None (usable) or why not
 _lock = threading.Lock()
 
@@ -107,8 +117,7 @@ def check(kernel: str, device: torch.device, dtype: torch.dtype, shape: tuple[in
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # asynchronous launch errors surface here, not later in training
     except Exception as exc:  # noqa: BLE001 - any failure to compile or run means "do not use it"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return f"it failed to compile or run: {type(exc).__name__}: {first[:300]}"
+        return f"it failed to compile or run: {failure_summary(exc)}"
     return mismatch
 
 

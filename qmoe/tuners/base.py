@@ -238,16 +238,13 @@ class AdapterLayer(nn.Module):
         else:
             up_t, down_t = held[0], held[1]
         flat = x.reshape(-1, up_t.shape[0]).to(up_t.dtype)
-        delta = flat.new_zeros(flat.shape[0], down_t.shape[1])
-        self.inference_step(delta, flat, up_t, down_t)
-        return result + delta.view(*x.shape[:-1], down_t.shape[1]).to(result.dtype)
+        return add_adapter_output(self.inference_step, result, flat, x.shape, up_t, down_t)[0]
 
     def prepare_compiled(self) -> bool:
         """Fuse the weights :meth:`forward_compiled` reads, unless those already held match the parameters (their
         in-place versions and storage); True when it (re)built them. New tensors make a compiled graph that read
         the old ones recompile (its guards check them), so a changed adapter is never served stale."""
-        params = [self._parameters[name] for name in self.adapter_param_names]
-        stamp = [(p._version, p.data_ptr()) for p in params]
+        stamp = parameter_stamp([self._parameters[name] for name in self.adapter_param_names])
         held = self._compiled_weights
         if held is not None and held[2] == stamp:
             return False
@@ -360,10 +357,10 @@ class EagerDecoder:
     def __init__(self, layer: AdapterLayer, up_t: torch.Tensor, down_t: torch.Tensor, params: list[nn.Parameter]):
         self.step, self.up_t, self.down_t, self.params = layer.inference_step, up_t, down_t, params
         self.in_features, self.out_features = up_t.shape[0], down_t.shape[1]
-        self.stamp = [(p._version, p.data_ptr()) for p in params]
+        self.stamp = parameter_stamp(params)
 
     def run(self, result: torch.Tensor, x: torch.Tensor):
-        if [(p._version, p.data_ptr()) for p in self.params] != self.stamp:
+        if parameter_stamp(self.params) != self.stamp:
             return None
         up_t = self.up_t
         flat = x.reshape(-1, self.in_features)
@@ -371,6 +368,19 @@ class EagerDecoder:
             flat = flat.to(up_t.dtype)
         if result.dtype == up_t.dtype and result.is_contiguous():
             return result, *self.step(result.view(-1, self.out_features), flat, up_t, self.down_t)
-        delta = flat.new_zeros(flat.shape[0], self.out_features)
-        telemetry = self.step(delta, flat, up_t, self.down_t)
-        return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype), *telemetry
+        return add_adapter_output(self.step, result, flat, x.shape, up_t, self.down_t)
+
+
+def parameter_stamp(params: list[nn.Parameter]) -> list[tuple[int, int]]:
+    """What fused weights were built from: each parameter's in-place version and storage. A different stamp later
+    means a parameter changed in place (an optimizer step, a load) or was given new storage."""
+    return [(p._version, p.data_ptr()) for p in params]
+
+
+def add_adapter_output(step, result: torch.Tensor, flat: torch.Tensor, shape, up_t: torch.Tensor, down_t: torch.Tensor):
+    """``result`` + the adapter's output for ``flat`` (the input [T, in] of shape ``shape``), out of place (another
+    dtype or layout than the weights', or under torch.compile): (sum, routing weights or None, chosen or None)
+    from the layer's inference ``step``."""
+    delta = flat.new_zeros(flat.shape[0], down_t.shape[1])
+    telemetry = step(delta, flat, up_t, down_t)
+    return result + delta.view(*shape[:-1], down_t.shape[1]).to(result.dtype), *telemetry
