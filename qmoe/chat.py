@@ -115,7 +115,13 @@ def load_chat_model(
     weights (a mixture raises UsageError); ``compile``: generate with a compiled decode step (the first reply
     waits for the compilation; replies with routing traces run uncompiled)."""
     from .attach import adapter_layers
-    from .inference import compile_decode, dequantize_frozen, merge_lora, note_merge_on_4bit_cpu
+    from .inference import (
+        call_4bit_directly,
+        compile_decode,
+        dequantize_frozen,
+        merge_lora,
+        note_merge_on_4bit_cpu,
+    )
     from .models import load_base_model
     from .serialization import AdapterError, load_adapter
 
@@ -133,6 +139,8 @@ def load_chat_model(
     dequantized = dequantize_frozen(model, dequantize, device)
     if merge and not dequantized:
         note_merge_on_4bit_cpu(model, device)
+    if not dequantized:
+        call_4bit_directly(model, device)
     model.eval()
     model.config.use_cache = True
     if compile:

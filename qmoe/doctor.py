@@ -314,21 +314,23 @@ def check_cpu_4bit_kernel() -> Check:
     name = "4-bit CPU kernel"
     if installed_version("bitsandbytes") is None:
         return Check(name, False, "bitsandbytes is not installed", required=False)
-    try:
-        import bitsandbytes  # noqa: F401 - registers its CPU backend
-        from bitsandbytes.backends.cpu import ops
-    except ImportError as exc:
-        return Check(name, False, f"bitsandbytes' CPU backend does not import: {exc}", required=False)
+    from .kernels import bnb_cpu
 
     dequantized = "qmoe chat/eval --dequantize on|auto hold a dequantised copy instead (auto: without this kernel)"
-    if not hasattr(ops, "gemm_4bit_forward_kernel"):
+    state = bnb_cpu.hub_kernel_state()
+    if state == "none":
         detail = f"no AVX512-BF16: bitsandbytes dequantises each 4-bit weight per forward; {dequantized}"
-    elif ops.gemm_4bit_forward_kernel is not None:
+    elif state == "hub":
         detail = f"kernels-community/quantization-bitsandbytes gemm_4bit_forward (hub kernel, bf16); {dequantized}"
     else:
+        from .kernels import cpu_decode
+
+        module = cpu_decode.kernels()  # (qmoe's kernels make the direct call: check it here, as chat would)
+        if module is not None:
+            bnb_cpu.usable(module)
         detail = (
             "bitsandbytes' built-in bf16 4-bit kernel (the optional hub kernel needs the `kernels` package and the "
-            f"Hugging Face hub); {dequantized}"
+            f"Hugging Face hub); qmoe calls it directly at inference: {bnb_cpu.status()}; {dequantized}"
         )
     return Check(name, True, detail, required=False)
 

@@ -58,6 +58,11 @@ checks them too):
 ``PretrainedConfig._name_or_path`` in ``qmoe/serialization.py``
     the base model recorded in ``adapter_config.json`` (the public ``config.name_or_path`` reads the same).
 argparse's ``ArgumentParser._subparsers`` in ``tests/test_ui.py`` (test code only).
+bitsandbytes' C library functions ``gemv_4bit_inference_cpu_{nf4,fp4}_bf16``, ``QuantState.packing_format_for_cpu``,
+``backends.cpu.ops.gemm_4bit_forward_kernel`` and ``functional._convert_weight_packed_for_cpu_inverse``
+    all read in ``qmoe/kernels/bnb_cpu.py`` (its docstring says what each is for and what happens if it moves):
+    qmoe calls bitsandbytes' 4-bit CPU kernel directly at inference, and undoes its CPU packing for dequantised
+    copies.
 
 PEFT (``qmoe.peft_integration`` registers MoELoRA, LoRACoE and LoRAMoE as PEFT methods):
 

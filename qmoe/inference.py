@@ -7,6 +7,10 @@ in free RAM) each ``Linear4bit`` is replaced by an ``nn.Linear`` holding exactly
 dequantise, in the compute dtype: the same function, once instead of per token. Works under attached adapters
 (their ``base_layer`` is swapped).
 
+``call_4bit_directly(model, device)``: on CPUs where bitsandbytes multiplies with its bf16 kernel, the frozen 4-bit
+layers call that kernel straight from C++ (:class:`Direct4bit`; adapter layers do it inside their own kernel call),
+bit-identical to bitsandbytes' forward without the Python around it.
+
 ``compile_decode(model, device)``: ``model.generate`` then compiles its decode step (``torch.compile`` of the
 whole forward, static KV cache) and adapter layers trace their fast path's eager step (``qmoe chat --compile``);
 ``prepare_compiled_decode(model)`` refreshes the adapters' fused weights before each generate.
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .kernels.bnb_cpu import hub_kernel_state, linear4bit_class, standard_layout
 from .kernels.selfcheck import KernelFallbackWarning, failure_summary
 
 log = logging.getLogger("qmoe")
@@ -36,17 +41,9 @@ DEQUANTIZE_MODES = ("auto", "on", "off")
 _RAM_HEADROOM = 0.25
 
 
-def _linear4bit_class() -> type | None:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
-    return bnb.nn.Linear4bit
-
-
 def _four_bit_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """(parent, attribute, layer) of every bitsandbytes Linear4bit, adapters' base layers included."""
-    cls = _linear4bit_class()
+    cls = linear4bit_class()
     if cls is None:
         return []
     found = []
@@ -62,13 +59,9 @@ def dequantized_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn
     import bitsandbytes.functional as bnbf
 
     dtype = dtype or layer.compute_dtype or torch.float32
-    data, state = layer.weight.data, layer.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks 4-bit weights for its bf16 CPU kernel at the first eval forward (AVX512-BF16
-        # CPUs); dequantize_4bit reads the standard layout, so undo that first (as its own state_dict does)
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+    # bitsandbytes repacks 4-bit weights for its bf16 CPU kernel at the first eval forward (AVX512-BF16 CPUs);
+    # dequantize_4bit reads the standard layout
+    data, state = standard_layout(layer.weight.data, layer.weight.quant_state)
     weight = bnbf.dequantize_4bit(data, state).to(dtype)
     dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     dense.weight = nn.Parameter(weight, requires_grad=False)
@@ -93,13 +86,9 @@ def free_ram_bytes() -> int:
 
 
 def bnb_has_bf16_cpu_kernel() -> bool:
-    """True where bitsandbytes multiplies 4-bit weights on CPU with its fused bf16 kernel (AVX512-BF16 CPUs)
-    instead of dequantising each weight per forward."""
-    try:
-        from bitsandbytes.functional import has_avx512bf16
-    except ImportError:
-        return False
-    return bool(has_avx512bf16())
+    """True where bitsandbytes multiplies 4-bit weights on CPU with a fused bf16 kernel (AVX512-BF16 CPUs; its
+    built-in one or the hub's) instead of dequantising each weight per forward."""
+    return hub_kernel_state() != "none"
 
 
 def dequantize_frozen(model: nn.Module, mode: str = "auto", device: str = "cpu") -> bool:
@@ -139,6 +128,81 @@ def dequantize_frozen(model: nn.Module, mode: str = "auto", device: str = "cpu")
         need / 1e9,
     )
     return True
+
+
+class Direct4bit(nn.Module):
+    """A frozen bitsandbytes ``Linear4bit`` outside any adapter, computed in eval-mode no-grad forwards by
+    bitsandbytes' CPU kernel called directly (:mod:`qmoe.kernels.bnb_cpu`): ``Linear4bit.forward``'s result bit for
+    bit, without its ~35 µs of Python per call. Anything else (training, autograd, ``torch.compile`` tracing, a
+    layer the direct call does not serve) runs the layer's own forward."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.training = base_layer.training  # (wrapping an eval-mode model keeps it in eval mode)
+        # (the kernels' Frozen4bit or None where the direct call does not serve it, the layer it was made for), or
+        # None: not looked at since the weights changed. Kept in __dict__: read on every call
+        self.__dict__["_frozen"] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base, held = self._modules["base_layer"], self.__dict__["_frozen"]
+        if held is not None and held[1] is not base:  # another layer put in (dequantize_frozen, a load)
+            held = self.__dict__["_frozen"] = None
+        if held is not None and held[0] is not None and not torch.is_grad_enabled():
+            if not torch.compiler.is_compiling():
+                result = held[0].run(x)
+                if result is not None:
+                    return result
+                held = self.__dict__["_frozen"] = None  # bitsandbytes repacked or replaced the weights: look again
+        result = base(x)  # (the first eval forward is where bitsandbytes repacks for its CPU kernel)
+        if held is None and not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            self.__dict__["_frozen"] = (_frozen_kernel_for(base), base)
+        return result
+
+    def train(self, mode: bool = True) -> Direct4bit:
+        self.__dict__["_frozen"] = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__["_frozen"] = None  # .to() and the like: new tensors
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickle: the C++ object (holding the old weights) is made again, not copied
+        return {**super().__getstate__(), "_frozen": None}
+
+
+def _frozen_kernel_for(layer: nn.Module):
+    """qmoe's Frozen4bit for ``layer``, or None (the kernels cannot be had, QMOE_KERNELS is not auto, or the
+    direct call does not serve the layer)."""
+    from .kernels import requested_backend
+    from .kernels.bnb_cpu import frozen_kernel
+    from .kernels.cpu_decode import kernels
+
+    if requested_backend() != "auto":
+        return None
+    module = kernels()
+    return None if module is None else frozen_kernel(module, layer)
+
+
+def call_4bit_directly(model: nn.Module, device: str = "cpu") -> int:
+    """Wrap every frozen 4-bit layer that no adapter wraps in :class:`Direct4bit` (adapter layers make the same
+    call themselves); the number wrapped. CPU only, and only where bitsandbytes runs its built-in bf16 kernel
+    (AVX512-BF16 CPUs, without the hub kernel): elsewhere it changes nothing. For inference models only (chat,
+    evaluation): the wrapper puts ``base_layer`` into the layers' state-dict keys."""
+    from .attach import adapter_layers
+    from .kernels.bnb_cpu import hub_kernel_state
+
+    if device != "cpu" or hub_kernel_state() != "builtin":
+        return 0
+    adapted = {id(layer.base_layer) for layer in adapter_layers(model).values()}
+    layers = [(parent, name, layer) for parent, name, layer in _four_bit_layers(model) if id(layer) not in adapted]
+    for parent, name, layer in layers:
+        setattr(parent, name, Direct4bit(layer))
+    if layers:
+        log.info("%d frozen 4-bit layers call bitsandbytes' CPU kernel directly (no Python around it)", len(layers))
+    return len(layers)
 
 
 def prepare_compiled_decode(model: nn.Module) -> int:
@@ -234,7 +298,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             f"a {config.method} adapter cannot be merged: its experts are mixed by input-dependent routing, so its "
             "update is not one fixed weight matrix; chat with it unmerged (only lora adapters merge)"
         )
-    four_bit = _linear4bit_class()
+    four_bit = linear4bit_class()
     with torch.no_grad():
         for layer in adapter_layers(model).values():
             base = layer.base_layer

@@ -126,7 +126,9 @@ def test_loracoe_warmup_stage_runs_the_lora_kernel(tiny_4bit, monkeypatch):
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2))
     built = []
     real = cpu_decode.kernels()
-    spy = types.SimpleNamespace(Decoder=lambda method, *args: built.append(method) or real.Decoder(method, *args))
+    spy = types.SimpleNamespace(
+        Decoder=lambda method, *args: built.append(method) or real.Decoder(method, *args), Frozen4bit=real.Frozen4bit
+    )
     monkeypatch.setattr(cpu_decode, "kernels", lambda: spy)
     with torch.no_grad():
         warm = model(input_ids=ids).logits

@@ -131,6 +131,43 @@ def test_other_libraries_private_names():
     )
 
 
+def test_bitsandbytes_private_names():
+    """What qmoe/kernels/bnb_cpu.py reads of bitsandbytes (its inventory is in qmoe/hf_private.py)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from qmoe.kernels import bnb_cpu
+
+    where = f"bitsandbytes {bnb.__version__}"
+    assert callable(getattr(bnbf, "_convert_weight_packed_for_cpu_inverse", None)), broken(
+        f"{where}: functional._convert_weight_packed_for_cpu_inverse is gone (qmoe/kernels/bnb_cpu.py)"
+    )
+    if not bnbf.has_avx512bf16():
+        pytest.skip("no AVX512-BF16: bitsandbytes has no fused CPU kernel here (the rest is not read)")
+    from bitsandbytes.backends.cpu import ops
+
+    assert hasattr(ops, "gemm_4bit_forward_kernel"), broken(
+        f"{where}: backends.cpu.ops.gemm_4bit_forward_kernel is gone (qmoe/kernels/bnb_cpu.py)"
+    )
+    for quant_type, symbol in bnb_cpu.GEMV_SYMBOLS.items():
+        assert bnb_cpu.kernel_address(quant_type), broken(f"{where}: its C library has no {symbol}")
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4").to("cpu")
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.zeros(1, 128))
+    state = layer.weight.quant_state
+    assert getattr(state, "packing_format_for_cpu", False), broken(
+        f"{where}: an eval forward no longer sets QuantState.packing_format_for_cpu"
+    )
+    assert state.absmax.dtype == torch.bfloat16 and tuple(state.absmax.shape) == (128 // state.blocksize, 64), broken(
+        f"{where}: the packed absmax is no longer bf16 [in / blocksize, out]"
+    )
+    assert layer.weight.dtype == torch.uint8 and tuple(layer.weight.shape) == (64, 64), broken(
+        f"{where}: the packed weight is no longer uint8 [out, in / 2]"
+    )
+
+
 def test_installed_transformers_is_the_tested_range():
     from packaging.requirements import Requirement
 

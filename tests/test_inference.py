@@ -494,20 +494,34 @@ def test_generation_bench_rows_for_every_model_and_batch(chat_model_dir, mode):
         str(chat_model_dir), "cpu", ["moelora", "lora"], (1, 3), new_tokens=2, repeats=1, warmup=0, dequantize=mode
     )
     other = "base-4bit" if mode == "on" else "base-dequantised"
-    names = ["base", "wrapper-floor", "moelora", "lora", "lora-merged", "peft-lora", other, "moelora-eager"]
-    names.append("moelora-4bit-reference")
+    names = ["base", "wrapper-floor", "moelora", "lora", "lora-merged", "peft-lora", other]
+    # the direct 4-bit calls' rows where bitsandbytes' built-in bf16 kernel serves the 4-bit weights
+    direct = mode == "off" and hub_kernel_state() == "builtin"
+    if direct:
+        names += ["base-direct", "moelora-bnb-forward", "lora-bnb-forward"]
+    names += ["moelora-eager", "moelora-4bit-reference"]
     assert [(r["model"], r["batch"]) for r in result["rows"]] == [(n, b) for b in (1, 3) for n in names]
     for row in result["rows"]:
         assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["decode_cpu_s"] >= 0
         if row["model"] == "base":
             assert row["decode_ratio_to_base"] == 1.0
+        if row["model"] == "base-direct":
+            assert row["decode_ratio_to_base_direct"] == 1.0
+        assert (row["decode_ratio_to_base_direct"] is not None) == direct
     assert result["meta"]["frozen_weights"] == ("dequantised copy of NF4" if mode == "on" else "NF4")
     table = markdown_generation(result)
     assert "| moelora-4bit-reference | 3 |" in table and "decode × base (CPU)" in table
     assert "| base | 1 |" in table and "| 1.00 | 1.00 | 1.00 |" in table  # one round: no range in brackets
+    assert "decode × base-direct (wall)" in table and ("| 1.00 |" if direct else "| – |") in table
     assert "CPU kernels: in use" in table and result["meta"]["cpu_kernels"] == "in use"
     rows = {(r["model"], r["batch"]): r for r in result["rows"]}
     assert rows[("peft-lora", 1)]["trainable_params"] == rows[("lora", 1)]["trainable_params"]
+
+
+def hub_kernel_state():
+    from qmoe.kernels.bnb_cpu import hub_kernel_state
+
+    return hub_kernel_state()
 
 
 def test_generation_ratios_pair_each_round_with_the_base_run_of_the_same_round():

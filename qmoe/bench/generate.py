@@ -7,9 +7,15 @@ Every adapted model is a structural copy of the one loaded base sharing its froz
 round, so ratios to the base compare like with like. Wall and CPU time (this process, all threads) are both
 kept: on a shared CPU the CPU time barely moves when other processes compete for the cores.
 
+``base`` is the model as transformers and bitsandbytes run it. Where bitsandbytes multiplies with its built-in
+bf16 CPU kernel, qmoe's adapter layers call that kernel directly (``qmoe.kernels.bnb_cpu``), and so does chat's
+base model (``base-direct``: every 4-bit layer in :class:`qmoe.inference.Direct4bit`); the last column compares
+with it, i.e. what the adapter itself costs, and ``<method>-bnb-forward`` rows run each adapter over bitsandbytes'
+forward instead (what the direct call saves).
+
 A fresh adapter's B is zero: it generates exactly the base's tokens while paying for its routing. Extra rows:
-``wrapper-floor`` (each adapted projection wrapped in a module that only calls the frozen layer: what any
-unmerged adapter pays before doing any arithmetic, the floor of every ratio here), ``peft-lora`` (PEFT's
+``wrapper-floor`` (each adapted projection wrapped in a module that only calls the frozen layer's forward: what an
+unmerged adapter over bitsandbytes' forward pays before doing any arithmetic), ``peft-lora`` (PEFT's
 LoRA at qmoe LoRA's rank on the same frozen weights, unmerged: the baseline users know), ``lora-merged``
 (the LoRA folded into dense weights, ``qmoe chat --merge``), the base on the other choice of frozen weights
 (``base-4bit`` or ``base-dequantised``, see ``--dequantize``), ``moelora-eager`` (the fast path with qmoe's
@@ -86,6 +92,8 @@ def _decode_loop_static(model: torch.nn.Module, ids: torch.Tensor, new_tokens: i
     return w1 - w0, c1 - c0, w2 - w1, c2 - c1
 
 
+# the row keys of decode time against base-direct (the base with the adapters' direct 4-bit calls)
+DIRECT = "decode_s_vs_base_direct"
 TIMES = ("prefill_s", "prefill_cpu_s", "decode_s", "decode_cpu_s")  # what _decode_loop returns, in order
 
 
@@ -144,6 +152,21 @@ def _with_reference_path(run: Callable[[], tuple[float, ...]]) -> Callable[[], t
             return run()
         finally:
             set_fast_inference(before)
+
+    return wrapped
+
+
+def _with_bnb_forward(run: Callable[[], tuple[float, ...]]) -> Callable[[], tuple[float, ...]]:
+    """``run`` with adapter layers built meanwhile calling bitsandbytes' forward instead of its kernel directly."""
+    from ..kernels import bnb_cpu
+
+    def wrapped():
+        before = bnb_cpu.direct_calls_enabled()
+        bnb_cpu.set_direct_calls(False)
+        try:
+            return run()
+        finally:
+            bnb_cpu.set_direct_calls(before)
 
     return wrapped
 
@@ -215,7 +238,7 @@ def measure_generation(
     compiled: bool = False,
 ) -> dict:
     from .. import attach, kernels
-    from ..inference import compile_decode, dequantize_frozen
+    from ..inference import call_4bit_directly, compile_decode, dequantize_frozen
     from ..kernels import cpu_decode
     from ..models import load_base_model
     from . import machine_info
@@ -248,7 +271,16 @@ def measure_generation(
         models["base-4bit"], params["base-4bit"] = four_bit, 0
     elif dequantize_frozen(other := share_frozen_clone(four_bit), "on", device):
         models["base-dequantised"], params["base-dequantised"] = other, 0
-    reference, eager = set(), set()
+    if not dequantized and call_4bit_directly(direct := share_frozen_clone(base), device):
+        models["base-direct"], params["base-direct"] = direct.eval(), 0
+    reference, eager, via_forward = set(), set(), set()
+    if "base-direct" in models:
+        # each method again over bitsandbytes' forward (what its adapter layers ran before they called the kernel)
+        for method in methods:
+            name = f"{method}-bnb-forward"
+            models[name] = attach(share_frozen_clone(base), method_config(method, dropout=0.0)).eval()
+            params[name] = params[method]
+            via_forward.add(name)
     if "moelora" in methods:
         # its own adapter (its own fused-weight cache), timed with the kernel backend forced to plain PyTorch
         models["moelora-eager"] = attach(share_frozen_clone(base), method_config("moelora", dropout=0.0)).eval()
@@ -278,16 +310,24 @@ def measure_generation(
                 continue  # (chat's case only: qmoe eval does not compile, and a new batch size means a recompile)
             loop = _decode_loop_static if name in static else _decode_loop
             run = lambda m=model, i=ids, f=loop: f(m, i, new_tokens, device)  # noqa: E731
-            candidates[name] = (
-                _with_reference_path(run) if name in reference else _with_eager_kernels(run) if name in eager else run
-            )
+            if name in reference:
+                run = _with_reference_path(run)
+            elif name in eager:
+                run = _with_eager_kernels(run)
+            elif name in via_forward:
+                run = _with_bnb_forward(run)
+            candidates[name] = run
         if static and batch == 1:
             say(f"compiling the decode step of {len(static)} models (once each)")
             for name in static:
                 candidates[name]()
         say(f"generation, batch {batch}: {len(candidates)} models x {repeats} rounds of {new_tokens} new tokens")
-        summary = paired_ratios(_interleaved(candidates, repeats, warmup))
+        runs = _interleaved(candidates, repeats, warmup)
+        summary = paired_ratios(runs)
+        # against the base with the same direct calls as the adapters': what the adapter itself costs
+        direct_ratios = paired_ratios(runs, reference="base-direct") if "base-direct" in runs else {}
         for name, m in summary.items():
+            against_direct = direct_ratios.get(name, {})
             rows.append(
                 dict(
                     model=name,
@@ -298,6 +338,10 @@ def measure_generation(
                     decode_ratio_to_base=m["decode_s_ratio"],
                     decode_cpu_ratio_to_base=m["decode_cpu_s_ratio"],
                     prefill_ratio_to_base=m["prefill_s_ratio"],
+                    decode_ratio_to_base_direct=against_direct.get("decode_s_ratio"),
+                    # (ratio_cell(row, DIRECT) reads these two)
+                    **{f"{DIRECT}_ratio": against_direct.get("decode_s_ratio")},
+                    **{f"{DIRECT}_ratio_range": against_direct.get("decode_s_ratio_range")},
                     **m,
                 )
             )
@@ -327,12 +371,14 @@ def markdown_generation(result: dict) -> str:
         "over rounds and (in brackets) the lowest and highest round (1.00 = base speed; higher is faster).",
         "",
         "| model | batch | prefill tok/s | decode tok/s | decode × base (wall) | decode × base (CPU) "
-        "| prefill × base |",
-        "|---|---|---|---|---|---|---|",
+        "| prefill × base | decode × base-direct (wall) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        direct = ratio_cell(r, DIRECT) if r.get(f"{DIRECT}_ratio") is not None else "–"
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} "
-            f"| {ratio_cell(r, 'decode_s')} | {ratio_cell(r, 'decode_cpu_s')} | {ratio_cell(r, 'prefill_s')} |"
+            f"| {ratio_cell(r, 'decode_s')} | {ratio_cell(r, 'decode_cpu_s')} | {ratio_cell(r, 'prefill_s')} "
+            f"| {direct} |"
         )
     return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace py = pybind11;
@@ -111,6 +112,87 @@ bool top_k(const float* logits, int64_t n, int64_t k, int64_t* ids) {
 
 }  // namespace
 
+// bitsandbytes' fused 4-bit CPU kernel (its C library's gemv_4bit_inference_cpu_{nf4,fp4}_bf16; qmoe/kernels/bnb_cpu.py
+// finds it): bf16 input rows, the weight in bitsandbytes' CPU packing, bf16 absmax [in / blocksize, out], bf16 out.
+using Gemv4bit = void (*)(int64_t m, int64_t n, int64_t k, const uint16_t* x, const uint8_t* w, const uint16_t* absmax,
+                          uint16_t* out, int64_t blocksize, int64_t x_stride, int64_t out_stride);
+
+// A frozen bitsandbytes Linear4bit (eval mode, no bias, weights already packed for its CPU kernel) computed the way
+// its forward computes it, without the ~35 us of Python (Linear4bit.forward, matmul_4bit, gemv_4bit, the registered
+// op, ctypes) around a kernel that itself takes about as long at decode: x rounded to bf16, bitsandbytes' own kernel,
+// its bf16 output widened to x's dtype. The same function on the same bytes: bit-identical (self-checked).
+class Frozen4bit {
+ public:
+  Frozen4bit(int64_t address, at::Tensor weight, at::Tensor absmax, int64_t out_features, int64_t in_features,
+             int64_t blocksize)
+      : kernel_(reinterpret_cast<Gemv4bit>(static_cast<intptr_t>(address))),
+        weight_(weight),
+        packed_(weight.detach()),
+        absmax_(absmax),
+        out_(out_features),
+        in_(in_features),
+        blocksize_(blocksize) {
+    TORCH_CHECK(address != 0, "no kernel address");
+    TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.numel() * 2 == out_ * in_,
+                "the weight must be bitsandbytes' packed uint8 [out, in / 2]");
+    TORCH_CHECK(absmax.scalar_type() == at::kBFloat16 && absmax.is_contiguous() &&
+                    absmax.numel() == out_ * (in_ / blocksize_),
+                "absmax must be bf16 [in / blocksize, out]");
+    versions_[0] = weight_._version(), versions_[1] = absmax_._version();
+    pointers_[0] = weight_.data_ptr(), pointers_[1] = absmax_.data_ptr();
+  }
+
+  // False once the frozen weights changed in place or moved (bitsandbytes repacked them, a load). packed_ keeps
+  // the storage this was made for alive, so new weights never reuse its address unnoticed.
+  bool fresh() const {
+    return weight_._version() == versions_[0] && absmax_._version() == versions_[1] &&
+           weight_.data_ptr() == pointers_[0] && absmax_.data_ptr() == pointers_[1];
+  }
+
+  // The frozen layer's output for x, or None (nothing done) when the weights changed since
+  py::object run(const at::Tensor& x) const {
+    if (!fresh()) return py::none();
+    at::NoGradGuard no_grad;
+    return py::cast(compute(x));
+  }
+
+  // x [..., in] (float32, bf16) -> [..., out] in x's dtype
+  at::Tensor compute(const at::Tensor& x) const {
+    TORCH_CHECK(x.size(-1) == in_, "x has ", x.size(-1), " features, expected ", in_);
+    const int64_t tokens = x.numel() / in_;
+    std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+    sizes.back() = out_;
+    at::Tensor result = at::empty(sizes, x.options().memory_format(at::MemoryFormat::Contiguous));
+    const uint8_t* w = packed_.data_ptr<uint8_t>();
+    const auto* absmax = reinterpret_cast<const uint16_t*>(absmax_.data_ptr<at::BFloat16>());
+    if (x.scalar_type() == at::kFloat && x.is_contiguous() && tokens <= kStackTokens) {
+      // decode: the bf16 rounding and widening by hand, on the stack (each tensor op is a dispatch)
+      std::vector<at::BFloat16> xb(tokens * in_), ob(tokens * out_);
+      const float* xp = x.data_ptr<float>();
+      for (int64_t i = 0; i < tokens * in_; ++i) xb[i] = at::BFloat16(xp[i]);  // round to nearest even, as .to()
+      kernel_(tokens, out_, in_, reinterpret_cast<const uint16_t*>(xb.data()), w, absmax,
+              reinterpret_cast<uint16_t*>(ob.data()), blocksize_, in_, out_);
+      float* rp = result.data_ptr<float>();
+      for (int64_t i = 0; i < tokens * out_; ++i) rp[i] = static_cast<float>(ob[i]);
+      return result;
+    }
+    at::Tensor xb = x.reshape({tokens, in_}).to(at::kBFloat16).contiguous();
+    at::Tensor ob = at::empty({tokens, out_}, xb.options());
+    kernel_(tokens, out_, in_, reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), w, absmax,
+            reinterpret_cast<uint16_t*>(ob.data_ptr<at::BFloat16>()), blocksize_, in_, out_);
+    result.copy_(ob.view(sizes));
+    return result;
+  }
+
+ private:
+  static constexpr int64_t kStackTokens = 16;
+  Gemv4bit kernel_;
+  at::Tensor weight_, packed_, absmax_;  // the Parameter (its data may be replaced), its data then, absmax then
+  int64_t out_, in_, blocksize_;
+  int64_t versions_[2];
+  const void* pointers_[2];
+};
+
 class Decoder {
  public:
   // up [R', in] and up_t (its contiguous transpose), down_t [R, out] (scales folded in), float32 contiguous;
@@ -143,6 +225,17 @@ class Decoder {
     for (size_t i = 0; i < params_.size(); ++i)
       if (params_[i]._version() != versions_[i] || params_[i].data_ptr() != pointers_[i]) return false;
     return true;
+  }
+
+  // Computes the frozen layer itself from now on (run_frozen).
+  void attach_frozen(const Frozen4bit& frozen) { frozen_ = frozen; }
+
+  // The frozen layer's output plus the adapter's, in one call (attach_frozen first); None when either is stale.
+  py::object run_frozen(const at::Tensor& x) {
+    TORCH_CHECK(frozen_.has_value(), "no frozen layer attached");
+    if (!frozen_->fresh() || !fresh()) return py::none();
+    at::NoGradGuard no_grad;
+    return run(frozen_->compute(x), x);
   }
 
   // result [..., out] += the adapter's output for x [..., in]. Returns None when stale (nothing done), else
@@ -290,9 +383,17 @@ class Decoder {
   std::vector<int64_t> versions_;
   std::vector<const void*> pointers_;
   int64_t n_, r_, k_, loop_tokens_, in_ = 0, out_ = 0, up_rows_ = 0, down_rows_ = 0;
+  std::optional<Frozen4bit> frozen_;
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Frozen4bit>(m, "Frozen4bit")
+      .def(py::init<int64_t, at::Tensor, at::Tensor, int64_t, int64_t, int64_t>(), py::arg("address"),
+           py::arg("weight"), py::arg("absmax"), py::arg("out_features"), py::arg("in_features"),
+           py::arg("blocksize"))
+      .def("fresh", &Frozen4bit::fresh, "False once the frozen weights changed or moved")
+      .def("run", &Frozen4bit::run, py::arg("x"),
+           "the frozen layer's output for x as Linear4bit.forward computes it, or None when its weights changed");
   py::class_<Decoder>(m, "Decoder")
       .def(py::init<int64_t, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, int64_t, int64_t,
                     int64_t, int64_t>(),
@@ -300,5 +401,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("r"), py::arg("k"), py::arg("loop_tokens"))
       .def("fresh", &Decoder::fresh, "False once a parameter changed since the weights were fused")
       .def("run", &Decoder::run, py::arg("result"), py::arg("x"),
-           "result += adapter(x) in place where it can; (result, routing weights, chosen) or None when stale");
+           "result += adapter(x) in place where it can; (result, routing weights, chosen) or None when stale")
+      .def("attach_frozen", &Decoder::attach_frozen, py::arg("frozen"), "compute the frozen layer too (run_frozen)")
+      .def("run_frozen", &Decoder::run_frozen, py::arg("x"),
+           "the frozen layer's output + adapter(x): (result, routing weights, chosen) or None when stale");
 }

@@ -111,9 +111,9 @@ class AdapterLayer(nn.Module):
         self._routing_pending: tuple | None = None
         self._telemetry: tuple[torch.Tensor | None, torch.Tensor | None, int] = (None, None, 0)
         self.trace_records: list[dict] = []
-        # inference fast path: (kernel backend, decoder) with the weights fused from the adapter parameters; the
-        # decoder says when they changed (run() returns None) and is rebuilt
-        self._inference_cache: tuple[str, Decoder] | None = None
+        # inference fast path: (kernel backend, decoder, the frozen layer it computes itself or None) with the
+        # weights fused from the adapter parameters; the decoder says when they changed (returns None), is rebuilt
+        self._inference_cache: tuple[str, Decoder, nn.Module | None] | None = None
         # the fused weights forward_compiled reads under torch.compile: (up_t, down_t, parameter stamp)
         self._compiled_weights: tuple[torch.Tensor, torch.Tensor, list] | None = None
         # auxiliary losses of the last training forward, by name: tensors in the graph, or zero-argument callables
@@ -211,12 +211,18 @@ class AdapterLayer(nn.Module):
         # fused once, no dropout, the adapter's output added into the base layer's result in place. Written
         # inline and short: at decode time every line here runs per adapted layer per token, several times
         # slower than in isolation because bitsandbytes' kernel has just evicted the caches (BENCHMARKS.md).
-        result = self.base_layer(x, *args, **kwargs)
         ctx = self.context
         backend = ctx.backend or requested_backend()
         cache = self._inference_cache
-        ran = cache[1].run(result, x) if cache is not None and cache[0] == backend else None
+        ran = None
+        if cache is not None and cache[0] == backend:
+            frozen = cache[2]
+            if frozen is not None and frozen is self.base_layer:  # (not swapped since: dequantize_frozen)
+                ran = cache[1].run_frozen(x)  # the frozen 4-bit layer and the adapter in one C++ call
+            else:
+                ran = cache[1].run(self.base_layer(x, *args, **kwargs), x)
         if ran is None:  # first call, a parameter changed (optimizer step, load), or another kernel backend
+            result = self.base_layer(x, *args, **kwargs)  # (first: bitsandbytes repacks for its CPU kernel here)
             ran = self.inference_decoder(backend).run(result, x)
         if ran[1] is not None:
             # record_routing's inference branch, inlined; __dict__ skips nn.Module.__setattr__'s lookups
@@ -295,19 +301,27 @@ class AdapterLayer(nn.Module):
     def inference_decoder(self, backend: str) -> Decoder:
         """The decoder for the current parameters and kernel backend, built now and cached until a parameter
         changes: qmoe's CPU kernel for float32 CPU weights under ``auto``, else :class:`EagerDecoder`. Its
-        weights are contiguous (a transposed view sends a small CPU matmul down a path ~10x slower)."""
+        weights are contiguous (a transposed view sends a small CPU matmul down a path ~10x slower). qmoe's CPU
+        kernel also computes the frozen layer from the next call on, where that layer is a bitsandbytes 4-bit
+        layer its CPU kernel serves (:func:`qmoe.kernels.bnb_cpu.frozen_kernel`)."""
+        frozen_base = None
         with torch.no_grad():
             up, down = self.fused_weights()
             up_t, down_t = up.t().contiguous(), down.t().contiguous()
             params = [self._parameters[name] for name in self.adapter_param_names]
             kernels = cpu_kernels_for(up) if backend == "auto" else None
             if kernels is not None:
+                from ..kernels.bnb_cpu import frozen_kernel
                 from ..kernels.cpu_decode import decoder_for
 
                 decoder = decoder_for(kernels, self, up, up_t, down_t, params)
+                frozen = frozen_kernel(kernels, self.base_layer)
+                if frozen is not None:
+                    decoder.attach_frozen(frozen)
+                    frozen_base = self.base_layer
             else:
                 decoder = EagerDecoder(self, up_t, down_t, params)
-        self._inference_cache = (backend, decoder)
+        self._inference_cache = (backend, decoder, frozen_base)
         return decoder
 
     def _drop_inference_cache(self) -> None:
