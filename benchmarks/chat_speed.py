@@ -4,7 +4,8 @@ configuration in its own process (so each builds its own state as chat does), in
 
     python benchmarks/chat_speed.py [--rounds 3] [--new-tokens 64] [--json FILE]
 
-Configurations: the base model, and the adapter with everything chat does by default now; both with
+Configurations: the base model, and the adapter with everything chat does by default now; both over
+bitsandbytes' forward instead of qmoe's direct calls of its CPU kernel (QMOE_DIRECT_4BIT=0); both with
 ``--compile`` (timed after two warm-up replies: the first compiles the decode step, the second, longer one
 compiles it again for any cache length, as every chat's second reply does); the adapter with qmoe's CPU
 kernels off (QMOE_KERNELS=torch); with two generation threads (QMOE_CHAT_THREADS=2, for the adapter and the
@@ -28,13 +29,16 @@ from pathlib import Path
 CONFIGS = {
     "base": ({}, False, False),
     "moelora (default)": ({}, True, False),
+    # without qmoe's direct calls of bitsandbytes' CPU kernel: the base as transformers and bitsandbytes run it
+    "base, bitsandbytes' forward": ({"QMOE_DIRECT_4BIT": "0"}, False, False),
+    "moelora, bitsandbytes' forward": ({"QMOE_DIRECT_4BIT": "0"}, True, False),
     "base, --compile": ({}, False, True),
     "moelora, --compile": ({}, True, True),
     "moelora, CPU kernels off": ({"QMOE_KERNELS": "torch"}, True, False),
     "moelora, 2 chat threads": ({"QMOE_CHAT_THREADS": "2"}, True, False),
     "base, 2 chat threads": ({"QMOE_CHAT_THREADS": "2"}, False, False),
     # how chat ran when issue 18 was filed: the training code path, torch's default threads (this machine's 2)
-    "moelora, as filed": ({"QMOE_FAST_INFERENCE": "0", "QMOE_CHAT_THREADS": "2"}, True, False),
+    "moelora, as filed": ({"QMOE_FAST_INFERENCE": "0", "QMOE_CHAT_THREADS": "2", "QMOE_DIRECT_4BIT": "0"}, True, False),
 }
 PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many?"
 

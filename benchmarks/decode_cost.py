@@ -4,8 +4,9 @@ NF4 (issue 18: why LoRA's ratio stays below 0.95x on a CPU).
 
     python benchmarks/decode_cost.py [--ranks 1 4 8 16 32] [--repeats 5] [--json FILE]
 
-A rank-1 LoRA moves almost no adapter weights, so its ratio to the base is the fixed per-layer cost (a module
-call, the kernel call, the bookkeeping); each rank beyond adds a row of A and one of B per adapted projection,
+A rank-1 LoRA moves almost no adapter weights, so its ratio to the base with the same direct calls of
+bitsandbytes' CPU kernel (``base-direct``: qmoe chat's base) is the fixed per-layer cost (a module call, the
+kernel call, the bookkeeping); each rank beyond adds a row of A and one of B per adapted projection,
 read every token from memory the 4-bit kernel has just evicted (BENCHMARKS.md: their latency, not their bytes,
 is the cost). Timed interleaved in one process with ``qmoe.bench.generate``'s loop
 (greedy, KV cache, one thread); ratios = base time / model time within each round, the median over rounds and
@@ -33,7 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     from qmoe import AdapterConfig, attach
     from qmoe.bench import machine_info
     from qmoe.bench.backbones import share_frozen_clone
-    from qmoe.bench.generate import QUESTION, _decode_loop, _interleaved, _wrapped_only, paired_ratios, ratio_cell
+    from qmoe.bench.generate import (
+        DIRECT,
+        QUESTION,
+        _decode_loop,
+        _interleaved,
+        _wrapped_only,
+        paired_ratios,
+        ratio_cell,
+    )
+    from qmoe.inference import call_4bit_directly
     from qmoe.models import load_base_model
 
     torch.set_num_threads(1)
@@ -43,10 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     models = {"base": base, "wrapper-floor": _wrapped_only(base).eval()}
+    # the base with the direct calls of bitsandbytes' CPU kernel the adapter layers make (qmoe chat's base)
+    if call_4bit_directly(direct := share_frozen_clone(base), device):
+        models["base-direct"] = direct.eval()
     for r in args.ranks:
         models[f"lora r={r}"] = attach(share_frozen_clone(base), AdapterConfig(method="lora", r=r, dropout=0.0)).eval()
     runs = {name: (lambda m=model: _decode_loop(m, ids, args.new_tokens, device)) for name, model in models.items()}
-    summary = paired_ratios(_interleaved(runs, args.repeats, warmup=1))
+    timed = _interleaved(runs, args.repeats, warmup=1)
+    summary = paired_ratios(timed)
+    direct = paired_ratios(timed, reference="base-direct") if "base-direct" in timed else {}
     rows = [
         dict(
             model=name,
@@ -54,14 +69,16 @@ def main(argv: list[str] | None = None) -> int:
             decode_ratio_to_base=m["decode_s_ratio"],
             decode_cpu_ratio_to_base=m["decode_cpu_s_ratio"],
             **m,
+            **({f"{DIRECT}_ratio": direct[name]["decode_s_ratio"]} if direct else {}),
+            **({f"{DIRECT}_ratio_range": direct[name]["decode_s_ratio_range"]} if direct else {}),
         )
         for name, m in summary.items()
     ]
-    print("| model | decode tok/s | × base (wall) | × base (CPU) |\n|---|---|---|---|")
+    print("| model | decode tok/s | × base (wall) | × base (CPU) | × base-direct (wall) |\n|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['model']} | {row['decode_tokens_per_s']:.1f} | {ratio_cell(row, 'decode_s')} "
-            f"| {ratio_cell(row, 'decode_cpu_s')} |"
+            f"| {ratio_cell(row, 'decode_cpu_s')} | {ratio_cell(row, DIRECT) if direct else '–'} |"
         )
     if args.json:
         meta = dict(machine_info(device), new_tokens=args.new_tokens, repeats=args.repeats, threads=1)

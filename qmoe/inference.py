@@ -188,13 +188,13 @@ def _frozen_kernel_for(layer: nn.Module):
 
 def call_4bit_directly(model: nn.Module, device: str = "cpu") -> int:
     """Wrap every frozen 4-bit layer that no adapter wraps in :class:`Direct4bit` (adapter layers make the same
-    call themselves); the number wrapped. CPU only, and only where bitsandbytes runs its built-in bf16 kernel
-    (AVX512-BF16 CPUs, without the hub kernel): elsewhere it changes nothing. For inference models only (chat,
+    call themselves); the number wrapped. Only where :func:`qmoe.kernels.bnb_cpu.direct_calls_apply` (CPU,
+    bitsandbytes' built-in bf16 kernel, not turned off): elsewhere it changes nothing. For inference models only (chat,
     evaluation): the wrapper puts ``base_layer`` into the layers' state-dict keys."""
     from .attach import adapter_layers
-    from .kernels.bnb_cpu import hub_kernel_state
+    from .kernels.bnb_cpu import direct_calls_apply
 
-    if device != "cpu" or hub_kernel_state() != "builtin":
+    if not direct_calls_apply(device):
         return 0
     adapted = {id(layer.base_layer) for layer in adapter_layers(model).values()}
     layers = [(parent, name, layer) for parent, name, layer in _four_bit_layers(model) if id(layer) not in adapted]

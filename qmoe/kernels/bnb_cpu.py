@@ -32,6 +32,7 @@ Private names of bitsandbytes read here (0.50; checked by ``tests/test_hf_privat
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import warnings
 from types import ModuleType
@@ -45,7 +46,10 @@ from .selfcheck import KernelFallbackWarning, failure_summary
 GEMV_SYMBOLS = {"nf4": "gemv_4bit_inference_cpu_nf4_bf16", "fp4": "gemv_4bit_inference_cpu_fp4_bf16"}
 # the compute dtypes for which Linear4bit.forward feeds the kernel x rounded straight to bf16 (fp16 would round twice)
 _DIRECT_COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
-_enabled = True  # set_direct_calls(False): bitsandbytes' own forward always (benchmarks' comparison rows, tests)
+# QMOE_DIRECT_4BIT=0 or set_direct_calls(False): bitsandbytes' own forward always (to rule the direct call out, and
+# the benchmarks' comparison rows)
+DIRECT_ENV = "QMOE_DIRECT_4BIT"
+_enabled = os.environ.get(DIRECT_ENV, "1").strip().lower() not in ("0", "false", "no")
 _lock = threading.Lock()
 _verdict: dict[str, str | None] = {}  # "why": None when the direct call passed its self-check, else why not
 
@@ -105,6 +109,15 @@ def direct_calls_enabled() -> bool:
     return _enabled
 
 
+def direct_calls_apply(device: str) -> bool:
+    """Whether qmoe calls bitsandbytes' CPU kernel directly for 4-bit layers on ``device``: CPU, bitsandbytes' built-in
+    bf16 kernel in use, the calls not turned off (``QMOE_DIRECT_4BIT=0``, ``QMOE_KERNELS`` other than auto). (Each
+    layer still needs qmoe's kernels and the self-check: :func:`frozen_kernel`.)"""
+    from . import requested_backend
+
+    return _enabled and device == "cpu" and requested_backend() == "auto" and hub_kernel_state() == "builtin"
+
+
 def frozen_kernel(module: ModuleType, layer: nn.Module):
     """``module.Frozen4bit`` computing ``layer`` (a bitsandbytes Linear4bit) as its forward does, or None where
     the direct call does not apply: not a 4-bit layer, training, a bias, not (yet) repacked for the CPU kernel
@@ -148,6 +161,8 @@ def usable(module: ModuleType) -> bool:
 
 def status() -> str:
     """One line for ``qmoe doctor``."""
+    if not _enabled:
+        return f"off ({DIRECT_ENV}=0)"
     if hub_kernel_state() != "builtin":
         return "not used (bitsandbytes does not run its built-in bf16 CPU kernel here)"
     if "why" not in _verdict:
