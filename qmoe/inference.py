@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .kernels.bnb_cpu import hub_kernel_state, linear4bit_class, standard_layout
+from .kernels.bnb_cpu import frozen_output, hub_kernel_state, linear4bit_class, standard_layout
 from .kernels.selfcheck import KernelFallbackWarning, failure_summary
 
 log = logging.getLogger("qmoe")
@@ -144,20 +144,25 @@ class Direct4bit(nn.Module):
         # (the kernels' Frozen4bit or None where the direct call does not serve it, the layer it was made for), or
         # None: not looked at since the weights changed. Kept in __dict__: read on every call
         self.__dict__["_frozen"] = None
+        self.__dict__["_spec"] = None  # (address, blocksize) of the direct call, for compiled graphs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # (a compiled decode step: the direct call as an operator, if it applies)
+            spec = self._spec if self.__dict__["_frozen"] is not None else None
+            return frozen_output(x, self.base_layer, spec)
         base, held = self._modules["base_layer"], self.__dict__["_frozen"]
         if held is not None and held[1] is not base:  # another layer put in (dequantize_frozen, a load)
             held = self.__dict__["_frozen"] = None
         if held is not None and held[0] is not None and not torch.is_grad_enabled():
-            if not torch.compiler.is_compiling():
-                result = held[0].run(x)
-                if result is not None:
-                    return result
-                held = self.__dict__["_frozen"] = None  # bitsandbytes repacked or replaced the weights: look again
+            result = held[0].run(x)
+            if result is not None:
+                return result
+            held = self.__dict__["_frozen"] = None  # bitsandbytes repacked or replaced the weights: look again
         result = base(x)  # (the first eval forward is where bitsandbytes repacks for its CPU kernel)
-        if held is None and not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()):
-            self.__dict__["_frozen"] = (_frozen_kernel_for(base), base)
+        if held is None and not (self.training or torch.is_grad_enabled()):
+            frozen = _frozen_kernel_for(base)
+            self.__dict__["_frozen"] = (frozen, base)
+            self.__dict__["_spec"] = (frozen.address, frozen.blocksize) if frozen is not None else None
         return result
 
     def train(self, mode: bool = True) -> Direct4bit:

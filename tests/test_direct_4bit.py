@@ -211,3 +211,38 @@ def test_new_weights_are_noticed(tiny_4bit):
         assert again.run(x) is not None
         layer.weight.add_(0)  # an in-place change counts too
         assert again.run(x) is None
+
+
+@pytest.mark.slow
+def test_compiled_decode_calls_the_kernel_as_an_operator(tiny_4bit):
+    """Compiled decode steps call the direct call as the operator qmoe::gemv_4bit_cpu (an adapter layer's frozen
+    layer, and a Direct4bit's), generate what the eager path generates, and go back to bitsandbytes' forward
+    (recompiling) when bitsandbytes undid its packing."""
+    from test_inference import greedy
+
+    from qmoe.inference import compile_decode
+
+    only_q = qmoe.AdapterConfig(method="lora", r=4, target_modules=["q_proj"], dropout=0.0)
+    model = qmoe.attach(tiny_4bit(), only_q).eval()
+    randomize(model)
+    assert call_4bit_directly(model, "cpu") > 0  # the projections the adapter leaves
+    prompt = ids(3, 7)[:1]
+    expected_ids, expected_logits = greedy(model, prompt)
+    step = compile_decode(model, "cpu")
+    assert all(layer._compiled_weights[3] is not None for layer in qmoe.adapter_layers(model).values())
+    got_ids, got_logits = greedy(model, prompt)  # (compiles)
+    assert step.failed is None and step.compiled_steps == 5
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        greedy(model, prompt)
+    wrappers = sum(isinstance(m, Direct4bit) for m in model.modules())
+    calls = sum(e.name == "qmoe::gemv_4bit_cpu" for e in prof.events())
+    assert calls == 5 * (wrappers + len(qmoe.adapter_layers(model)))  # every 4-bit layer in every compiled step
+    assert torch.equal(got_ids, expected_ids)
+    torch.testing.assert_close(got_logits, expected_logits, atol=1e-4, rtol=1e-4)
+    model.state_dict()  # unpacks every 4-bit layer (and re-quantises its absmax: compare with the eager path anew)
+    got_ids, got_logits = greedy(model, prompt)
+    assert step.compiled_steps == 15
+    step.eager = True
+    again_ids, again_logits = greedy(model, prompt)
+    assert torch.equal(got_ids, again_ids)
+    torch.testing.assert_close(got_logits, again_logits, atol=1e-4, rtol=1e-4)

@@ -296,6 +296,8 @@ def measure_generation(
         for name in [BASE, *methods]:
             clone = share_frozen_clone(base)
             model = (clone if name == BASE else attach(clone, method_config(name, dropout=0.0))).eval()
+            if not dequantized:
+                call_4bit_directly(model, device)  # as qmoe chat does before compiling
             # static shapes: one fixed-size cache per row (torch would otherwise share shape guesses across the
             # models' copies of one forward and compile them shape-generic, slower to build and to run)
             compile_decode(model, device, dynamic=False)

@@ -118,11 +118,11 @@ def direct_calls_apply(device: str) -> bool:
     return _enabled and device == "cpu" and requested_backend() == "auto" and hub_kernel_state() == "builtin"
 
 
-def frozen_kernel(module: ModuleType, layer: nn.Module):
-    """``module.Frozen4bit`` computing ``layer`` (a bitsandbytes Linear4bit) as its forward does, or None where
-    the direct call does not apply: not a 4-bit layer, training, a bias, not (yet) repacked for the CPU kernel
-    (bitsandbytes does it at the first eval forward), a compute dtype other than float32/bf16, the hub kernel in
-    use, or the self-check failed."""
+def direct_spec(module: ModuleType, layer: nn.Module) -> tuple[int, int] | None:
+    """(kernel address, blocksize) of the direct call for ``layer`` (a bitsandbytes Linear4bit), or None where it
+    does not apply: not a 4-bit layer, training, a bias, not (yet) repacked for the CPU kernel (bitsandbytes does it
+    at the first eval forward), a compute dtype other than float32/bf16, the hub kernel in use, the calls turned
+    off, or the self-check failed."""
     cls = linear4bit_class()
     if not _enabled or cls is None or not isinstance(layer, cls) or layer.training or layer.bias is not None:
         return None
@@ -135,8 +135,40 @@ def frozen_kernel(module: ModuleType, layer: nn.Module):
     address = kernel_address(state.quant_type)
     if address is None or not usable(module):
         return None
+    return address, state.blocksize
+
+
+def frozen_kernel(module: ModuleType, layer: nn.Module):
+    """``module.Frozen4bit`` computing ``layer`` as its forward does, or None where :func:`direct_spec` is None."""
+    spec = direct_spec(module, layer)
+    if spec is None:
+        return None
     # the Parameter itself, not .data: bitsandbytes replaces its data when it (un)packs, which the kernel notices
-    return module.Frozen4bit(address, weight, state.absmax, layer.out_features, layer.in_features, state.blocksize)
+    weight = layer.weight
+    return module.Frozen4bit(spec[0], weight, weight.quant_state.absmax, layer.out_features, layer.in_features, spec[1])
+
+
+def frozen_output(x: torch.Tensor, layer: nn.Module, spec: tuple[int, int] | None) -> torch.Tensor:
+    """``layer``'s output for ``x`` in a graph ``torch.compile`` traces: the direct call as the operator
+    ``qmoe::gemv_4bit_cpu`` (registered by qmoe's kernels) where ``spec`` (:func:`direct_spec`, taken beforehand) is
+    given and the weights are still packed, else the layer's forward. The compiler guards on the packing flag, so
+    weights bitsandbytes unpacked since recompile the graph onto the forward, which packs them again."""
+    weight = layer.weight
+    if spec is not None and getattr(weight.quant_state, "packing_format_for_cpu", False):
+        absmax = weight.quant_state.absmax
+        return torch.ops.qmoe.gemv_4bit_cpu(x, weight, absmax, spec[0], layer.out_features, spec[1])
+    return layer(x)
+
+
+def pack_for_cpu_kernel(layer: nn.Module) -> None:
+    """Have bitsandbytes repack an eval-mode ``layer`` for its CPU kernel now (its first eval forward does it),
+    so that :func:`direct_spec` can be taken before a graph is compiled."""
+    cls = linear4bit_class()
+    if cls is None or not isinstance(layer, cls) or layer.training or layer.weight.device.type != "cpu":
+        return
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False) and hub_kernel_state() != "none":
+        with torch.no_grad():
+            layer(torch.zeros(1, layer.in_features, dtype=layer.compute_dtype or torch.float32))
 
 
 def usable(module: ModuleType) -> bool:

@@ -149,6 +149,9 @@ class Frozen4bit {
            weight_.data_ptr() == pointers_[0] && absmax_.data_ptr() == pointers_[1];
   }
 
+  int64_t address() const { return static_cast<int64_t>(reinterpret_cast<intptr_t>(kernel_)); }
+  int64_t blocksize() const { return blocksize_; }
+
   // The frozen layer's output for x, or None (nothing done) when the weights changed since
   py::object run(const at::Tensor& x) const {
     if (!fresh()) return py::none();
@@ -386,12 +389,27 @@ class Decoder {
   std::optional<Frozen4bit> frozen_;
 };
 
+// The frozen layer as an operator, for compiled graphs (torch.compile cannot trace a Frozen4bit object):
+// qmoe::gemv_4bit_cpu(x, weight, absmax, address, out_features, blocksize), what Frozen4bit.run computes.
+at::Tensor gemv_4bit_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& absmax, int64_t address,
+                         int64_t out_features, int64_t blocksize) {
+  return Frozen4bit(address, weight, absmax, out_features, x.size(-1), blocksize).compute(x);
+}
+
+TORCH_LIBRARY_FRAGMENT(qmoe, m) {
+  m.def("gemv_4bit_cpu(Tensor x, Tensor weight, Tensor absmax, int address, int out_features, int blocksize) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qmoe, CPU, m) { m.impl("gemv_4bit_cpu", &gemv_4bit_cpu); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Frozen4bit>(m, "Frozen4bit")
       .def(py::init<int64_t, at::Tensor, at::Tensor, int64_t, int64_t, int64_t>(), py::arg("address"),
            py::arg("weight"), py::arg("absmax"), py::arg("out_features"), py::arg("in_features"),
            py::arg("blocksize"))
       .def("fresh", &Frozen4bit::fresh, "False once the frozen weights changed or moved")
+      .def_property_readonly("address", &Frozen4bit::address)
+      .def_property_readonly("blocksize", &Frozen4bit::blocksize)
       .def("run", &Frozen4bit::run, py::arg("x"),
            "the frozen layer's output for x as Linear4bit.forward computes it, or None when its weights changed");
   py::class_<Decoder>(m, "Decoder")

@@ -66,6 +66,8 @@ def kernels() -> ModuleType | None:
                         why = check(module)
                     except Exception as exc:  # noqa: BLE001 - a kernel that raises is not used either
                         why = f"its self-check raised {failure_summary(exc)}"
+                if why is None:
+                    _register_fake()
                 if why is not None:
                     module = None
                     warnings.warn(
@@ -76,6 +78,18 @@ def kernels() -> ModuleType | None:
                     )
                 _state.update(module=module, why=why)
     return _state["module"]  # type: ignore[return-value]
+
+
+def _register_fake() -> None:
+    """The shape function of the operator ``qmoe::gemv_4bit_cpu`` (defined in cpu_decode.cpp), for tracing."""
+    if _state.get("fake_registered"):
+        return
+
+    @torch.library.register_fake("qmoe::gemv_4bit_cpu")
+    def _(x, weight, absmax, address, out_features, blocksize):
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    _state["fake_registered"] = True
 
 
 def decoder_for(
@@ -108,7 +122,10 @@ def status() -> str:
 def forget() -> None:
     """Drop the loaded module's verdict (tests; the next use loads and checks again)."""
     with _lock:
+        registered = _state.get("fake_registered")
         _state.clear()
+        if registered:  # (once per process: the operator stays defined)
+            _state["fake_registered"] = True
 
 
 # what the check runs: each method's layer at a small shape class, with routing that is actually exercised

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
-from ..kernels import requested_backend
+from ..kernels import bnb_cpu, requested_backend
+from ..kernels.bnb_cpu import frozen_output
 
 if TYPE_CHECKING:  # (qmoe.config imports the tuners' defaults)
     from ..config import AdapterConfig
@@ -114,7 +115,8 @@ class AdapterLayer(nn.Module):
         # inference fast path: (kernel backend, decoder, the frozen layer it computes itself or None) with the
         # weights fused from the adapter parameters; the decoder says when they changed (returns None), is rebuilt
         self._inference_cache: tuple[str, Decoder, nn.Module | None] | None = None
-        # the fused weights forward_compiled reads under torch.compile: (up_t, down_t, parameter stamp)
+        # what forward_compiled reads under torch.compile: (up_t, down_t, parameter stamp, the frozen layer's
+        # direct-call spec or None)
         self._compiled_weights: tuple[torch.Tensor, torch.Tensor, list] | None = None
         # auxiliary losses of the last training forward, by name: tensors in the graph, or zero-argument callables
         # that compute one when first asked (aux_losses), outside gradient checkpointing's recomputed region
@@ -235,13 +237,16 @@ class AdapterLayer(nn.Module):
         """The fast path as ``torch.compile`` traces it (``qmoe.inference.compile_decode``): the method's eager
         :meth:`inference_step` on the fused weights :meth:`prepare_compiled` made (without them, fused inside the
         graph: correct, but redone every step), no C++ kernel call (opaque to the compiler) and no routing
-        telemetry (a per-layer side effect the graph would have to replay; traced chat replies run uncompiled)."""
-        result = self.base_layer(x, *args, **kwargs)
+        telemetry (a per-layer side effect the graph would have to replay; traced chat replies run uncompiled).
+        The frozen layer: bitsandbytes' CPU kernel called directly, as an operator, where :meth:`prepare_compiled`
+        found that it applies (:func:`qmoe.kernels.bnb_cpu.frozen_output`), else its forward."""
         held = self._compiled_weights
         if held is None:
+            result = self.base_layer(x, *args, **kwargs)
             up, down = self.fused_weights()
             up_t, down_t = up.t(), down.t()
         else:
+            result = frozen_output(x, self.base_layer, held[3]) if held[3] is not None else self.base_layer(x)
             up_t, down_t = held[0], held[1]
         flat = x.reshape(-1, up_t.shape[0]).to(up_t.dtype)
         return add_adapter_output(self.inference_step, result, flat, x.shape, up_t, down_t)[0]
@@ -251,13 +256,26 @@ class AdapterLayer(nn.Module):
         in-place versions and storage); True when it (re)built them. New tensors make a compiled graph that read
         the old ones recompile (its guards check them), so a changed adapter is never served stale."""
         stamp = parameter_stamp([self._parameters[name] for name in self.adapter_param_names])
+        spec = self._frozen_direct_spec()
         held = self._compiled_weights
-        if held is not None and held[2] == stamp:
+        if held is not None and held[2] == stamp and held[3] == spec:
             return False
         with torch.no_grad():
             up, down = self.fused_weights()
-            self.__dict__["_compiled_weights"] = (up.t().contiguous(), down.t().contiguous(), stamp)
+            self.__dict__["_compiled_weights"] = (up.t().contiguous(), down.t().contiguous(), stamp, spec)
         return True
+
+    def _frozen_direct_spec(self) -> tuple[int, int] | None:
+        """:func:`qmoe.kernels.bnb_cpu.direct_spec` of the frozen layer for compiled graphs (packing it for
+        bitsandbytes' CPU kernel first), or None where the direct call does not apply."""
+        base = self.base_layer
+        if not hasattr(base, "weight") or not bnb_cpu.direct_calls_apply(base.weight.device.type):
+            return None
+        from ..kernels import cpu_decode
+
+        bnb_cpu.pack_for_cpu_kernel(base)
+        module = cpu_decode.kernels()
+        return None if module is None else bnb_cpu.direct_spec(module, base)
 
     def forward_reference(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The training code path (autograd, dropout, auxiliary losses); any mode."""
