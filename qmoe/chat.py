@@ -122,7 +122,6 @@ def load_chat_model(
         merge_lora,
         note_merge_on_4bit_cpu,
     )
-    from .kernels.bnb_cpu import direct_calls_apply
     from .models import load_base_model
     from .serialization import AdapterError, load_adapter
 
@@ -140,9 +139,8 @@ def load_chat_model(
     dequantized = dequantize_frozen(model, dequantize, device)
     if merge and not dequantized:
         note_merge_on_4bit_cpu(model, device)
-    direct = not dequantized and direct_calls_apply(device)  # (adapter layers decide for themselves at first use)
-    if direct:
-        call_4bit_directly(model, device)
+    if not dequantized:
+        call_4bit_directly(model, device)  # (adapter layers make the same calls themselves)
     model.eval()
     model.config.use_cache = True
     if compile:
@@ -151,11 +149,7 @@ def load_chat_model(
             "--compile: the first reply compiles the decode step first (about a minute on a CPU, less once torch "
             "has cached it); replies that show routing run uncompiled"
         )
-        if direct:
-            log.info(
-                "--compile: the compiled step runs bitsandbytes' own forward, not the direct calls of its kernel "
-                "qmoe makes otherwise; on this CPU that measured slower than chatting without --compile"
-            )
+
     routed = (
         [name for name, layer in adapter_layers(model).items() if layer.routed] if adapter_dir and not merge else []
     )

@@ -38,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="compile the decode step (torch.compile, static KV cache); the first reply waits for the compilation "
-        "(about a minute on a CPU) and --routing replies run uncompiled. On CPUs where qmoe calls bitsandbytes' "
-        "4-bit kernel directly (qmoe doctor) the default is faster (measured: BENCHMARKS.md)",
+        help="compile the decode step (torch.compile, static KV cache): faster replies after the first, which "
+        "waits for the compilation (about a minute on a CPU), except with a moelora adapter (measured on CPU: "
+        "BENCHMARKS.md); --routing replies run uncompiled",
     )
 
 
