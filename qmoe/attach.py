@@ -88,6 +88,9 @@ def attach(model: nn.Module, config: AdapterConfig, *, layer_cls: type[AdapterLa
         raise TypeError("attach() needs a qmoe.AdapterConfig")
     if getattr(model, _CONFIG_ATTR, None) is not None:
         raise ValueError("model already has a qmoe adapter attached; load a fresh base model to attach another")
+    from .inference import unwrap_direct_4bit
+
+    unwrap_direct_4bit(model)  # (a chat model's 4-bit layers: the adapter layers make the same direct calls)
     names = target_names(model, config)
     for p in model.parameters():
         p.requires_grad_(False)

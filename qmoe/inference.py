@@ -210,6 +210,16 @@ def call_4bit_directly(model: nn.Module, device: str = "cpu") -> int:
     return len(layers)
 
 
+def unwrap_direct_4bit(model: nn.Module) -> int:
+    """Put every :class:`Direct4bit`'s layer back in its place (``qmoe.attach`` does, before wrapping layers with
+    adapters: an inference wrapper is not a linear layer to adapt); the number unwrapped."""
+    wrapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
+    wrapped = [(parent, name, child) for parent, name, child in wrapped if isinstance(child, Direct4bit)]
+    for parent, name, child in wrapped:
+        setattr(parent, name, child.base_layer)
+    return len(wrapped)
+
+
 def prepare_compiled_decode(model: nn.Module) -> int:
     """Fuse each adapter layer's weights for its compiled fast path where missing or stale (a parameter changed);
     the number of layers it (re)built. Cheap when nothing changed: call it before every ``generate``."""

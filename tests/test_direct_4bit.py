@@ -185,6 +185,21 @@ def test_a_direct_call_that_differs_is_not_used(tiny_4bit, fresh_verdict, monkey
     assert not direct_layers(model)
 
 
+def test_an_adapter_attaches_to_a_model_whose_layers_call_the_kernel_directly(tiny_4bit):
+    """attach() unwraps Direct4bit first (qmoe compare attaches an untrained router to a loaded chat model)."""
+    fresh = qmoe.attach(tiny_4bit(), config("moelora")).eval()
+    wrapped = tiny_4bit().eval()
+    call_4bit_directly(wrapped, "cpu")
+    with torch.no_grad():
+        wrapped(input_ids=ids())
+    model = qmoe.attach(wrapped, config("moelora")).eval()
+    assert not any(isinstance(m, Direct4bit) for m in model.modules())
+    assert len(qmoe.adapter_layers(model)) == len(qmoe.adapter_layers(fresh))
+    randomize(model), randomize(fresh)  # (the same values: layer order and seed)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids()).logits, fresh(input_ids=ids()).logits)
+
+
 def test_chat_models_call_the_4bit_kernel_directly(chat_model_dir):
     from qmoe.chat import load_chat_model
 

@@ -117,7 +117,7 @@ class AdapterLayer(nn.Module):
         self._inference_cache: tuple[str, Decoder, nn.Module | None] | None = None
         # what forward_compiled reads under torch.compile: (up_t, down_t, parameter stamp, the frozen layer's
         # direct-call spec or None)
-        self._compiled_weights: tuple[torch.Tensor, torch.Tensor, list] | None = None
+        self._compiled_weights: tuple[torch.Tensor, torch.Tensor, list, tuple[int, int] | None] | None = None
         # auxiliary losses of the last training forward, by name: tensors in the graph, or zero-argument callables
         # that compute one when first asked (aux_losses), outside gradient checkpointing's recomputed region
         self.aux: dict[str, torch.Tensor | Callable[[], torch.Tensor]] = {}
@@ -246,7 +246,7 @@ class AdapterLayer(nn.Module):
             up, down = self.fused_weights()
             up_t, down_t = up.t(), down.t()
         else:
-            result = frozen_output(x, self.base_layer, held[3]) if held[3] is not None else self.base_layer(x)
+            result = frozen_output(x, self.base_layer, held[3])  # (spec None: the layer's forward)
             up_t, down_t = held[0], held[1]
         flat = x.reshape(-1, up_t.shape[0]).to(up_t.dtype)
         return add_adapter_output(self.inference_step, result, flat, x.shape, up_t, down_t)[0]
