@@ -52,6 +52,15 @@ def direct_layers(model):
     return [layer for layer in qmoe.adapter_layers(model).values() if (layer._inference_cache or (0, 0, None))[2]]
 
 
+def reference_logits(model, x):
+    """The model's logits on the training code path (bitsandbytes' forward, the adapter's reference step)."""
+    qmoe.tuners.base.set_fast_inference(False)
+    try:
+        return model(input_ids=x).logits
+    finally:
+        qmoe.tuners.base.set_fast_inference(True)
+
+
 def decode(model, prompt, steps=4):
     """Logits of a prefill and ``steps`` one-token steps with a KV cache (greedy)."""
     out = model(input_ids=prompt, use_cache=True)
@@ -98,24 +107,15 @@ def test_a_changed_adapter_and_repacked_weights_are_noticed(tiny_4bit):
         assert direct_layers(model)
         randomize(model, seed=5)  # in place, as an optimizer step or a load
         got = model(input_ids=x).logits
-        qmoe.tuners.base.set_fast_inference(False)
-        try:
-            expected = model(input_ids=x).logits
-        finally:
-            qmoe.tuners.base.set_fast_inference(True)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, reference_logits(model, x), rtol=1e-5, atol=1e-5)
         # bitsandbytes' state_dict undoes its CPU packing (re-quantising absmax: the weights change slightly) and
         # the next forward packs again (new tensors, which may reuse freed addresses): every layer notices and
         # computes with the weights as they are now, as bitsandbytes' forward does
         for _ in range(3):
             model.state_dict()
             got = model(input_ids=x).logits
-            qmoe.tuners.base.set_fast_inference(False)
-            try:
-                expected = model(input_ids=x).logits
-            finally:
-                qmoe.tuners.base.set_fast_inference(True)
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # (stale weights: off by ~0.5)
+            # (stale weights: off by ~0.5)
+            torch.testing.assert_close(got, reference_logits(model, x), rtol=1e-4, atol=1e-4)
         assert len(direct_layers(model)) == len(qmoe.adapter_layers(model))
 
 

@@ -142,48 +142,34 @@ def ratio_cell(row: dict, key: str) -> str:
     return f"{median:.2f}" if low == high else f"{median:.2f} ({low:.2f}–{high:.2f})"
 
 
-def _with_reference_path(run: Callable[[], tuple[float, ...]]) -> Callable[[], tuple[float, ...]]:
+def _with_setting(run: Callable[[], tuple[float, ...]], read: Callable, write: Callable, value) -> Callable:
+    """``run`` with a process-wide switch (``read``/``write``) set to ``value`` meanwhile, restored after."""
+
+    def wrapped():
+        before = read()
+        write(value)
+        try:
+            return run()
+        finally:
+            write(before)
+
+    return wrapped
+
+
+def _switched(kind: str, run: Callable[[], tuple[float, ...]]) -> Callable[[], tuple[float, ...]]:
+    """``run`` under one of the rows' switches: ``reference`` the training code path, ``eager`` the kernel backend
+    forced to plain PyTorch (qmoe's CPU and Triton kernels off), ``bnb-forward`` adapter layers built meanwhile
+    calling bitsandbytes' forward instead of its kernel directly."""
+    from .. import kernels
+    from ..kernels import bnb_cpu
     from ..tuners.base import fast_inference_enabled, set_fast_inference
 
-    def wrapped():
-        before = fast_inference_enabled()
-        set_fast_inference(False)
-        try:
-            return run()
-        finally:
-            set_fast_inference(before)
-
-    return wrapped
-
-
-def _with_bnb_forward(run: Callable[[], tuple[float, ...]]) -> Callable[[], tuple[float, ...]]:
-    """``run`` with adapter layers built meanwhile calling bitsandbytes' forward instead of its kernel directly."""
-    from ..kernels import bnb_cpu
-
-    def wrapped():
-        before = bnb_cpu.direct_calls_enabled()
-        bnb_cpu.set_direct_calls(False)
-        try:
-            return run()
-        finally:
-            bnb_cpu.set_direct_calls(before)
-
-    return wrapped
-
-
-def _with_eager_kernels(run: Callable[[], tuple[float, ...]]) -> Callable[[], tuple[float, ...]]:
-    """``run`` with the kernel backend forced to plain PyTorch (qmoe's CPU and Triton kernels off)."""
-    from .. import kernels
-
-    def wrapped():
-        before = kernels.forced_backend()
-        kernels.set_backend("torch")
-        try:
-            return run()
-        finally:
-            kernels.set_backend(before)
-
-    return wrapped
+    switches = {
+        "reference": (fast_inference_enabled, set_fast_inference, False),
+        "eager": (kernels.forced_backend, kernels.set_backend, "torch"),
+        "bnb-forward": (bnb_cpu.direct_calls_enabled, bnb_cpu.set_direct_calls, False),
+    }
+    return _with_setting(run, *switches[kind])
 
 
 class _PassThrough(torch.nn.Module):
@@ -273,23 +259,23 @@ def measure_generation(
         models["base-dequantised"], params["base-dequantised"] = other, 0
     if not dequantized and call_4bit_directly(direct := share_frozen_clone(base), device):
         models["base-direct"], params["base-direct"] = direct.eval(), 0
-    reference, eager, via_forward = set(), set(), set()
+    switched: dict[str, str] = {}  # model name -> the switch its runs are under (_switched)
     if "base-direct" in models:
         # each method again over bitsandbytes' forward (what its adapter layers ran before they called the kernel)
         for method in methods:
             name = f"{method}-bnb-forward"
             models[name] = attach(share_frozen_clone(base), method_config(method, dropout=0.0)).eval()
             params[name] = params[method]
-            via_forward.add(name)
+            switched[name] = "bnb-forward"
     if "moelora" in methods:
         # its own adapter (its own fused-weight cache), timed with the kernel backend forced to plain PyTorch
         models["moelora-eager"] = attach(share_frozen_clone(base), method_config("moelora", dropout=0.0)).eval()
         params["moelora-eager"] = params["moelora"]
-        eager.add("moelora-eager")
+        switched["moelora-eager"] = "eager"
         name = "moelora-4bit-reference"
         models[name] = attach(share_frozen_clone(four_bit), method_config("moelora", dropout=0.0)).eval()
         params[name] = params["moelora"]
-        reference.add(name)
+        switched[name] = "reference"
     static = set()
     if compiled:
         # the base and each method again, with their decode step compiled (qmoe chat --compile)
@@ -312,13 +298,7 @@ def measure_generation(
                 continue  # (chat's case only: qmoe eval does not compile, and a new batch size means a recompile)
             loop = _decode_loop_static if name in static else _decode_loop
             run = lambda m=model, i=ids, f=loop: f(m, i, new_tokens, device)  # noqa: E731
-            if name in reference:
-                run = _with_reference_path(run)
-            elif name in eager:
-                run = _with_eager_kernels(run)
-            elif name in via_forward:
-                run = _with_bnb_forward(run)
-            candidates[name] = run
+            candidates[name] = _switched(switched[name], run) if name in switched else run
         if static and batch == 1:
             say(f"compiling the decode step of {len(static)} models (once each)")
             for name in static:
