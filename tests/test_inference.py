@@ -414,6 +414,38 @@ def test_compiled_decode_generates_what_the_eager_fast_path_generates(tiny_4bit,
     torch.testing.assert_close(got_logits, expected_logits, atol=1e-3, rtol=1e-3)
 
 
+def test_moelora_compiled_step_reads_only_the_chosen_experts(tiny_4bit):
+    """MoELoRA's step under torch.compile gathers the k chosen experts' rows of A and B (the graph's weights are
+    row-per-expert): the eager step's output, and the other experts' rows never read: poisoned with NaN, the
+    output stays finite. With as many choices as experts (a batch) it runs the eager step on every expert."""
+    model = qmoe.attach(tiny_4bit(), config("moelora"))
+    randomize(model)
+    layer = next(iter(qmoe.adapter_layers(model).values()))
+    c = layer.config
+    up, down_t = layer.compiled_weights(*layer.fused_weights())
+    poisoned_runs = 0
+    for tokens in (1, 3, c.num_experts):  # 3 * k < n experts: gathered; n * k >= n: every expert
+        flat = torch.randn(tokens, layer.in_features, generator=torch.Generator().manual_seed(tokens))
+        expected = torch.zeros(tokens, layer.out_features)
+        layer.inference_step(expected, flat, up.t().contiguous(), down_t)
+        got = torch.zeros_like(expected)
+        layer.compiled_step(got, flat, up, down_t)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        chosen = torch.nn.functional.linear(flat, up[: c.num_experts]).topk(c.top_k, dim=-1).indices.unique()
+        unread = [e for e in range(c.num_experts) if e not in chosen.tolist()]
+        if tokens * c.top_k >= c.num_experts or not unread:
+            continue
+        poisoned_up, poisoned_down = up.clone(), down_t.clone()
+        for e in unread:
+            poisoned_up[c.num_experts + e * c.r : c.num_experts + (e + 1) * c.r] = float("nan")
+            poisoned_down[e * c.r : (e + 1) * c.r] = float("nan")
+        got = torch.zeros_like(expected)
+        layer.compiled_step(got, flat, poisoned_up, poisoned_down)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        poisoned_runs += 1
+    assert poisoned_runs == 2
+
+
 @pytest.mark.slow
 def test_compiled_decode_follows_a_changed_adapter_and_traced_replies_run_eager(chat_model_dir, tmp_path):
     from pipeline_support import qmoe_cli

@@ -115,8 +115,8 @@ class AdapterLayer(nn.Module):
         # inference fast path: (kernel backend, decoder, the frozen layer it computes itself or None) with the
         # weights fused from the adapter parameters; the decoder says when they changed (returns None), is rebuilt
         self._inference_cache: tuple[str, Decoder, nn.Module | None] | None = None
-        # what forward_compiled reads under torch.compile: (up_t, down_t, parameter stamp, the frozen layer's
-        # direct-call spec or None)
+        # what forward_compiled reads under torch.compile: (its two compiled_weights, parameter stamp, the frozen
+        # layer's direct-call spec or None)
         self._compiled_weights: tuple[torch.Tensor, torch.Tensor, list, tuple[int, int] | None] | None = None
         # auxiliary losses of the last training forward, by name: tensors in the graph, or zero-argument callables
         # that compute one when first asked (aux_losses), outside gradient checkpointing's recomputed region
@@ -234,22 +234,34 @@ class AdapterLayer(nn.Module):
         return ran[0]
 
     def forward_compiled(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """The fast path as ``torch.compile`` traces it (``qmoe.inference.compile_decode``): the method's eager
-        :meth:`inference_step` on the fused weights :meth:`prepare_compiled` made (without them, fused inside the
-        graph: correct, but redone every step), no C++ kernel call (opaque to the compiler) and no routing
+        """The fast path as ``torch.compile`` traces it (``qmoe.inference.compile_decode``): the method's
+        :meth:`compiled_step` (by default its eager :meth:`inference_step`) on the fused weights
+        :meth:`prepare_compiled` made (without them, fused inside the graph: correct, but redone every step), no C++
+        kernel call (opaque to the compiler) and no routing
         telemetry (a per-layer side effect the graph would have to replay; traced chat replies run uncompiled).
         The frozen layer: bitsandbytes' CPU kernel called directly, as an operator, where :meth:`prepare_compiled`
         found that it applies (:func:`qmoe.kernels.bnb_cpu.frozen_output`), else its forward."""
         held = self._compiled_weights
         if held is None:
             result = self.base_layer(x, *args, **kwargs)
-            up, down = self.fused_weights()
-            up_t, down_t = up.t(), down.t()
+            first, second = self.compiled_weights(*self.fused_weights())
         else:
             result = frozen_output(x, self.base_layer, held[3])  # (spec None: the layer's forward)
-            up_t, down_t = held[0], held[1]
-        flat = x.reshape(-1, up_t.shape[0]).to(up_t.dtype)
-        return add_adapter_output(self.inference_step, result, flat, x.shape, up_t, down_t)[0]
+            first, second = held[0], held[1]
+        flat = x.reshape(-1, self.in_features).to(second.dtype)
+        return add_adapter_output(self.compiled_step, result, flat, x.shape, first, second)[0]
+
+    def compiled_weights(self, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`fused_weights` laid out as :meth:`compiled_step` reads them: by default :meth:`inference_step`'s
+        (up^T, down^T), contiguous."""
+        return up.t().contiguous(), down.t().contiguous()
+
+    def compiled_step(
+        self, out: torch.Tensor, flat: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The adapter step :meth:`forward_compiled` traces, on :meth:`compiled_weights`: by default the eager
+        :meth:`inference_step`."""
+        return self.inference_step(out, flat, first, second)
 
     def prepare_compiled(self) -> bool:
         """Fuse the weights :meth:`forward_compiled` reads, unless those already held match the parameters (their
@@ -261,8 +273,7 @@ class AdapterLayer(nn.Module):
         if held is not None and held[2] == stamp and held[3] == spec:
             return False
         with torch.no_grad():
-            up, down = self.fused_weights()
-            self.__dict__["_compiled_weights"] = (up.t().contiguous(), down.t().contiguous(), stamp, spec)
+            self.__dict__["_compiled_weights"] = (*self.compiled_weights(*self.fused_weights()), stamp, spec)
         return True
 
     def _frozen_direct_spec(self) -> tuple[int, int] | None:

@@ -112,6 +112,24 @@ class MoELoraLayer(AdapterLayer):
         out.addmm_(gated, down_t)
         return gate, top_ids
 
+    # Compiled decode (qmoe chat --compile): the router first, then only the chosen experts' rows of A and B, as qmoe's
+    # CPU kernel reads them. The eager step's one matmul over [router; A] reads every expert's weights, which at
+    # decode is most of the adapter's cost (memory traffic: 8 experts, 2 chosen by default).
+    def compiled_weights(self, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return up.contiguous(), down.t().contiguous()  # rows per expert in both: [router; A] and (s B)^T
+
+    def compiled_step(self, out, flat, up, down_t):
+        c = self.config
+        n, r, k = c.num_experts, c.r, c.top_k
+        if flat.shape[0] * k >= n:  # as many choices as experts (a batch): reading them all costs no more
+            return self.inference_step(out, flat, up.t(), down_t)
+        top_logits, top_ids = F.linear(flat, up[:n]).float().topk(k, dim=-1)
+        gate = top_logits.softmax(-1).to(flat.dtype)  # (the renormalised top-k of the softmax, as inference_step)
+        a = up[n:].view(n, r, -1)[top_ids]  # [T, k, r, in]: the chosen experts' rows, gathered in the graph
+        ranks = (a * flat[:, None, None, :]).sum(-1) * gate.unsqueeze(-1)  # [T, k, r]
+        out += (down_t.view(n, r, -1)[top_ids] * ranks.unsqueeze(-1)).sum((1, 2))
+        return None, top_ids  # (no routing telemetry under compile: forward_compiled drops it)
+
     # -- auxiliary losses ---------------------------------------------------------------------------------
     def _aux_losses(self, z, probs, top_ids, valid) -> None:
         c = self.config
