@@ -43,6 +43,23 @@ def test_the_kernels_build_and_pass_their_self_check():
     assert cpu_decode.check(module) is None
 
 
+@pytest.mark.parametrize("method, rank", [("lora", 1), ("lora", 5), ("lora", 13), ("loramoe", 12), ("loracoe", 3)])
+def test_the_kernels_row_loops_at_every_row_count(tiny_4bit, monkeypatch, method, rank):
+    """The loops take eight weight rows per pass, then four, then one: ranks that leave each remainder (and the
+    method's router rows beside them) give the eager fast path's logits, prefill and decode."""
+    model = randomized(qmoe.attach(tiny_4bit(), config(method, r=rank)))
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(rank))
+    logits = {}
+    for backend in ("auto", "torch"):
+        monkeypatch.setenv("QMOE_KERNELS", backend)
+        with torch.no_grad():
+            logits[backend] = model(input_ids=ids).logits  # 9 tokens: the loops (up to 16 per call)
+            logits[backend, 1] = model(input_ids=ids[:, :1]).logits
+        assert {runs_the_kernel(layer) for layer in qmoe.adapter_layers(model).values()} == {backend == "auto"}
+    torch.testing.assert_close(logits["auto"], logits["torch"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits["auto", 1], logits["torch", 1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_fast_path_through_the_cpu_kernels_equals_the_eager_fast_path(tiny_4bit, monkeypatch, method):
     """Logits, routing counts and per-token traces, for a padded batch and for greedy decoding (one token per
