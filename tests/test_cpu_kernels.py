@@ -43,6 +43,37 @@ def test_the_kernels_build_and_pass_their_self_check():
     assert cpu_decode.check(module) is None
 
 
+@pytest.mark.parametrize("method", ["moelora", "loramoe", "loracoe"])
+def test_one_token_calls_reuse_buffers_but_traces_and_telemetry_stay_right(tiny_4bit, monkeypatch, method):
+    """A one-token call's routing tensors are the decoder's buffers, overwritten by the next call: a trace over
+    several decode steps still holds each step's own routing, and the telemetry read after a step is that
+    step's, as on the eager path."""
+    model = randomized(qmoe.attach(tiny_4bit(), config(method)))
+    steps = [torch.tensor([[token]]) for token in (5, 77, 140, 201)]
+    got = {}
+    for backend in ("auto", "torch"):
+        monkeypatch.setenv("QMOE_KERNELS", backend)
+        with torch.no_grad(), qmoe.trace_routing(model):
+            for step in steps:
+                model(input_ids=step)
+            traced = {name: [t.clone() for t in info["trace"]] for name, info in qmoe.routing(model).items()}
+        counts = []
+        with torch.no_grad():
+            for step in steps:  # untraced: read each step's telemetry after it, before the next overwrites
+                model(input_ids=step)
+                counts.append({name: info["counts"] for name, info in qmoe.routing(model).items()})
+        got[backend] = (traced, counts)
+        assert {runs_the_kernel(layer) for layer in qmoe.adapter_layers(model).values()} == {backend == "auto"}
+    (traced, counts), (ref_traced, ref_counts) = got["auto"], got["torch"]
+    assert counts == ref_counts
+    for name, ref in ref_traced.items():
+        assert len(traced[name]) == len(ref) == len(steps)
+        for step_weights, ref_weights in zip(traced[name], ref, strict=True):
+            torch.testing.assert_close(step_weights, ref_weights, rtol=1e-3, atol=1e-3)  # (as the test below)
+        # the steps differ (so a trace of one reused buffer, holding the last step four times, would fail)
+        assert not all(torch.equal(traced[name][0], later) for later in traced[name][1:])
+
+
 @pytest.mark.parametrize("method, rank", [("lora", 1), ("lora", 5), ("lora", 13), ("loramoe", 12), ("loracoe", 3)])
 def test_the_kernels_row_loops_at_every_row_count(tiny_4bit, monkeypatch, method, rank):
     """The loops take eight weight rows per pass, then four, then one: ranks that leave each remainder (and the

@@ -225,6 +225,10 @@ class Frozen4bit {
   const void* pointers_[2];
 };
 
+// One adapted layer's fused weights and its eval-mode step. The routing weights and chosen experts a one-token call
+// returns (telemetry) live in buffers of the decoder that the next one-token call overwrites: each allocation is a
+// dispatched op, a few percent of batch-1 decode for the routed methods; a caller that keeps them (a routing trace)
+// copies them.
 class Decoder {
  public:
   // up [R', in] and up_t (its contiguous transpose), down_t [R, out] (scales folded in), float32 contiguous;
@@ -278,13 +282,19 @@ class Decoder {
     TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_, "x has ", x.size(-1), " features, expected ", in_);
     const int64_t tokens = x.numel() / in_;
     at::Tensor weights, ids;
-    if (method_ == MOELORA) {
-      weights = at::zeros({tokens, n_}, at::kFloat);
-      ids = at::empty({tokens, k_}, at::kLong);
-    } else if (method_ == LORAMOE) {
-      weights = at::empty({tokens, n_}, at::kFloat);
-    } else if (method_ == LORACOE) {
-      weights = at::zeros({tokens, r_}, at::kFloat);
+    if (method_ != LORA) {
+      const int64_t width = method_ == LORACOE ? r_ : n_;  // (LoRACoE's "experts" in telemetry are its ranks)
+      if (tokens == 1) {  // batch-1 decode: this decoder's own buffers, no allocation per call (see the class)
+        if (!one_weights_.defined()) {
+          one_weights_ = at::empty({1, width}, at::kFloat);
+          if (method_ == MOELORA) one_ids_ = at::empty({1, k_}, at::kLong);
+        }
+        weights = one_weights_, ids = one_ids_;
+        std::fill_n(weights.data_ptr<float>(), width, 0.f);  // (MoELoRA sets its chosen, LoRACoE accumulates)
+      } else {
+        weights = at::zeros({tokens, width}, at::kFloat);
+        if (method_ == MOELORA) ids = at::empty({tokens, k_}, at::kLong);
+      }
     }
     const bool in_place = result.scalar_type() == at::kFloat && result.is_contiguous();
     if (in_place && tokens <= loop_tokens_ && x.scalar_type() == at::kFloat && x.is_contiguous()) {
@@ -416,6 +426,7 @@ class Decoder {
   std::vector<const void*> pointers_;
   int64_t n_, r_, k_, loop_tokens_, in_ = 0, out_ = 0, up_rows_ = 0, down_rows_ = 0;
   std::optional<Frozen4bit> frozen_;
+  at::Tensor one_weights_, one_ids_;  // a one-token call's routing weights [1, E] and chosen experts [1, k]
 };
 
 // The frozen layer as an operator, for compiled graphs (torch.compile cannot trace a Frozen4bit object):

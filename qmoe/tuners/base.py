@@ -229,8 +229,8 @@ class AdapterLayer(nn.Module):
         if ran[1] is not None:
             # record_routing's inference branch, inlined; __dict__ skips nn.Module.__setattr__'s lookups
             self.__dict__["_routing_pending"] = (ran[1], (ctx.attention_mask, x.shape), ran[2])
-            if ctx.trace:
-                self.trace_records.append({"weights": ran[1]})
+            if ctx.trace:  # (a copy: qmoe's CPU kernel reuses a one-token call's buffers)
+                self.trace_records.append({"weights": ran[1].clone()})
         return ran[0]
 
     def forward_compiled(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -389,7 +389,8 @@ class Decoder(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
         """``result`` (the frozen layer's output) plus the adapter's output for ``x``, in place where it can:
         (result, routing weights or None, chosen experts or None), or None, doing nothing, when a parameter
-        changed since the weights were fused."""
+        changed since the weights were fused. The routing tensors may be overwritten by the next call (qmoe's CPU
+        kernel reuses its buffers for one-token calls): copy what must outlive it."""
 
 
 class EagerDecoder:
