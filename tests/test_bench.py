@@ -112,3 +112,38 @@ def test_bench_cuda_without_gpu_is_a_usage_error(capsys):
 def test_bench_unknown_method_is_a_usage_error(capsys):
     assert main(["bench", "--device", "cpu", "--methods", "moe"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# weight bytes a decode step reads (qmoe.bench.traffic: benchmarks/decode_cost.py's bytes bound)
+
+
+def test_decode_traffic_counts_the_frozen_weights_once_and_the_adapters_rows_read(tiny_4bit):
+    import qmoe
+    from qmoe.bench.traffic import adapter_bytes, frozen_bytes, memory_bound_ratio
+
+    dense = tiny_4bit("none")
+    # unquantised fp32: every parameter once, but an untied input embedding (a token reads one row of it)
+    unique = {p.data_ptr(): p.numel() * 4 for p in dense.parameters()}
+    embedding, head = dense.get_input_embeddings().weight, dense.get_output_embeddings().weight
+    untied = embedding.numel() * 4 if embedding.data_ptr() != head.data_ptr() else 0
+    assert untied and frozen_bytes(dense) == sum(unique.values()) - untied
+    four_bit = tiny_4bit()
+    linear = [m for m in four_bit.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    weights = sum(m.in_features * m.out_features for m in linear)
+    # the 4-bit layers: half a byte per weight plus their statistics; the rest as stored
+    saved = weights * 4 - weights // 2
+    assert saved > frozen_bytes(dense) - frozen_bytes(four_bit) > saved - weights // 8
+
+    for method, settings in [("lora", dict(r=5)), ("moelora", dict(top_k=2)), ("moelora", dict(top_k=8))]:
+        model = qmoe.attach(tiny_4bit(), qmoe.AdapterConfig(method=method, dropout=0.0, **settings))
+        assert frozen_bytes(model) == frozen_bytes(four_bit)  # the adapter's parameters are not frozen weights
+        layers = qmoe.adapter_layers(model).values()
+        c = next(iter(layers)).config
+        widths = sum(layer.in_features + layer.out_features for layer in layers)
+        if method == "lora":
+            assert adapter_bytes(model) == 4 * c.r * widths
+        else:  # the router's rows and the k chosen experts' rows of A and B
+            routers = sum(c.num_experts * layer.in_features for layer in layers)
+            assert adapter_bytes(model) == 4 * (routers + c.top_k * c.r * widths)
+    assert memory_bound_ratio(300, 100) == 0.75
