@@ -22,8 +22,9 @@ LoRA at qmoe LoRA's rank on the same frozen weights, unmerged: the baseline user
 CPU kernels off, ``QMOE_KERNELS=torch``: what the kernels save) and ``moelora-4bit-reference`` (4-bit
 weights and the training code path: what chat ran before the inference fast path existed). With ``compiled``
 (``--compile``): ``base-compiled`` and ``<method>-compiled``, the same models with their decode step compiled
-(``qmoe chat --compile``, qmoe.inference.compile_decode) and a static KV cache, compiled before the timed rounds;
-batch 1 only (chat's case: ``qmoe eval`` does not compile).
+(``qmoe chat --compile``, qmoe.inference.compile_decode) and a static KV cache, compiled for each batch size before
+its timed rounds: batch 1 is chat's case, the larger batches say whether evaluation would gain from compiling
+(``qmoe eval`` does not compile: on CPU it measured no gain at batch 16, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -294,13 +295,11 @@ def measure_generation(
         ids = prompt.expand(batch, -1).contiguous()
         candidates = {}
         for name, model in models.items():
-            if name in static and batch != 1:
-                continue  # (chat's case only: qmoe eval does not compile, and a new batch size means a recompile)
             loop = _decode_loop_static if name in static else _decode_loop
             run = lambda m=model, i=ids, f=loop: f(m, i, new_tokens, device)  # noqa: E731
             candidates[name] = _switched(switched[name], run) if name in switched else run
-        if static and batch == 1:
-            say(f"compiling the decode step of {len(static)} models (once each)")
+        if static:  # (each batch size is a new graph: dynamic=False)
+            say(f"compiling the decode step of {len(static)} models for batch {batch}")
             for name in static:
                 candidates[name]()
         say(f"generation, batch {batch}: {len(candidates)} models x {repeats} rounds of {new_tokens} new tokens")

@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="--generate: also the base and each method with a compiled decode step (qmoe chat --compile; "
-        "compiling takes up to a minute per model on a CPU)",
+        help="--generate: also the base and each method with a compiled decode step (qmoe chat --compile), at "
+        "each batch size; compiling takes up to a minute per model and batch size on a CPU",
     )
     parser.add_argument(
         "--methods",
