@@ -236,9 +236,9 @@ class AdapterLayer(nn.Module):
     def forward_compiled(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The fast path as ``torch.compile`` traces it (``qmoe.inference.compile_decode``): the method's
         :meth:`compiled_step` (by default its eager :meth:`inference_step`) on the fused weights
-        :meth:`prepare_compiled` made (without them, fused inside the graph: correct, but redone every step), no C++
-        kernel call (opaque to the compiler) and no routing
-        telemetry (a per-layer side effect the graph would have to replay; traced chat replies run uncompiled).
+        :meth:`prepare_compiled` made (without them, fused inside the graph: correct, but redone every step), no
+        C++ kernel call (opaque to the compiler) and no routing telemetry (a per-layer side effect the graph would
+        have to replay; traced chat replies run uncompiled).
         The frozen layer: bitsandbytes' CPU kernel called directly, as an operator, where :meth:`prepare_compiled`
         found that it applies (:func:`qmoe.kernels.bnb_cpu.frozen_output`), else its forward."""
         held = self._compiled_weights
