@@ -484,6 +484,32 @@ def test_compiled_decode_follows_a_changed_adapter_and_traced_replies_run_eager(
     assert "compiled decode step" in printed.stderr and "Traceback" not in printed.stderr
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", METHODS)
+def test_on_cuda_the_fast_path_and_the_compiled_step_generate_what_the_reference_path_does(tiny_4bit, method):
+    """On a GPU (benchmarks/gpu_validation.sh): the eval fast path (Triton routing kernels where they apply) and the
+    compiled decode step (inductor's GPU code, MoELoRA's gathered experts) against the training code path."""
+    from qmoe.inference import compile_decode
+
+    model = qmoe.attach(tiny_4bit(device="cuda"), config(method))
+    randomize(model)
+    model.eval()
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3)).to("cuda")
+    set_fast_inference(False)
+    try:
+        expected_ids, expected_logits = greedy(model, ids)
+    finally:
+        set_fast_inference(True)
+    runs = {"fast path": greedy(model, ids)}
+    step = compile_decode(model, "cuda")
+    runs["compiled"] = greedy(model, ids)
+    assert step.failed is None and step.compiled_steps == 5
+    for name, (got_ids, got_logits) in runs.items():
+        assert torch.equal(got_ids, expected_ids), name
+        torch.testing.assert_close(got_logits, expected_logits, atol=1e-3, rtol=1e-3, msg=name)
+
+
 @pytest.mark.slow
 def test_a_decode_step_that_fails_to_compile_runs_eager_after_one_warning(tiny_4bit):
     from qmoe.inference import CompiledDecodeStep, prepare_compiled_decode
