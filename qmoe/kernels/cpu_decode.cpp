@@ -82,7 +82,7 @@ QMOE_VECTOR_CLONES void rows_dot(const float* x, const float* w, int64_t rows, i
 }
 
 // out += sum_j c[j] * w[j] over `rows` rows of w (row-major, `width` columns), eight rows per pass where it can
-// (as rows_dot); rows with c[j] == 0 skipped.
+// (as rows_dot); a leftover single row with c[j] == 0 is skipped.
 QMOE_VECTOR_CLONES void rows_axpy(const float* c, const float* w, int64_t rows, int64_t width, float* out) {
   int64_t j = 0;
   for (; j + 8 <= rows; j += 8) {
