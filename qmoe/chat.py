@@ -149,7 +149,6 @@ def load_chat_model(
             "--compile: the first reply compiles the decode step first (about a minute on a CPU, less once torch "
             "has cached it); replies that show routing run uncompiled"
         )
-
     routed = (
         [name for name, layer in adapter_layers(model).items() if layer.routed] if adapter_dir and not merge else []
     )

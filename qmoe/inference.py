@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .kernels.bnb_cpu import frozen_output, hub_kernel_state, linear4bit_class, standard_layout
+from .kernels.bnb_cpu import frozen_output, hub_kernel_state, kernel_for, linear4bit_class, standard_layout
 from .kernels.selfcheck import KernelFallbackWarning, failure_summary
 
 log = logging.getLogger("qmoe")
@@ -160,7 +160,7 @@ class Direct4bit(nn.Module):
             held = self.__dict__["_frozen"] = None  # bitsandbytes repacked or replaced the weights: look again
         result = base(x)  # (the first eval forward is where bitsandbytes repacks for its CPU kernel)
         if held is None and not (self.training or torch.is_grad_enabled()):
-            frozen = _frozen_kernel_for(base)
+            frozen = kernel_for(base)
             self.__dict__["_frozen"] = (frozen, base)
             self.__dict__["_spec"] = (frozen.address, frozen.blocksize) if frozen is not None else None
         return result
@@ -176,19 +176,6 @@ class Direct4bit(nn.Module):
     def __getstate__(self) -> dict:
         # copy.deepcopy and pickle: the C++ object (holding the old weights) is made again, not copied
         return {**super().__getstate__(), "_frozen": None}
-
-
-def _frozen_kernel_for(layer: nn.Module):
-    """qmoe's Frozen4bit for ``layer``, or None (the kernels cannot be had, QMOE_KERNELS is not auto, or the
-    direct call does not serve the layer)."""
-    from .kernels import requested_backend
-    from .kernels.bnb_cpu import frozen_kernel
-    from .kernels.cpu_decode import kernels
-
-    if requested_backend() != "auto":
-        return None
-    module = kernels()
-    return None if module is None else frozen_kernel(module, layer)
 
 
 def call_4bit_directly(model: nn.Module, device: str = "cpu") -> int:

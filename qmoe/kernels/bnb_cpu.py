@@ -148,6 +148,31 @@ def frozen_kernel(module: ModuleType, layer: nn.Module):
     return module.Frozen4bit(spec[0], weight, weight.quant_state.absmax, layer.out_features, layer.in_features, spec[1])
 
 
+def _qmoe_kernels() -> ModuleType | None:
+    """qmoe's CPU inference kernels, which make the direct call (``QMOE_KERNELS=auto`` only), or None."""
+    from . import requested_backend
+    from .cpu_decode import kernels
+
+    return kernels() if requested_backend() == "auto" else None
+
+
+def kernel_for(layer: nn.Module):
+    """:func:`frozen_kernel` of ``layer`` with qmoe's kernels, or None where they or the direct call do not serve it
+    (a frozen 4-bit layer outside any adapter: ``qmoe.inference.Direct4bit``)."""
+    module = _qmoe_kernels()
+    return None if module is None else frozen_kernel(module, layer)
+
+
+def compiled_spec(layer: nn.Module) -> tuple[int, int] | None:
+    """:func:`direct_spec` of ``layer`` for a graph about to be compiled, having bitsandbytes repack it for its CPU
+    kernel first (a graph must not do that itself), or None where the direct call does not apply."""
+    if not hasattr(layer, "weight") or not direct_calls_apply(layer.weight.device.type):
+        return None
+    pack_for_cpu_kernel(layer)
+    module = _qmoe_kernels()
+    return None if module is None else direct_spec(module, layer)
+
+
 def frozen_output(x: torch.Tensor, layer: nn.Module, spec: tuple[int, int] | None) -> torch.Tensor:
     """``layer``'s output for ``x`` in a graph ``torch.compile`` traces: the direct call as the operator
     ``qmoe::gemv_4bit_cpu`` (registered by qmoe's kernels) where ``spec`` (:func:`direct_spec`, taken beforehand) is

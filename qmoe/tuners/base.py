@@ -268,25 +268,13 @@ class AdapterLayer(nn.Module):
         in-place versions and storage); True when it (re)built them. New tensors make a compiled graph that read
         the old ones recompile (its guards check them), so a changed adapter is never served stale."""
         stamp = parameter_stamp([self._parameters[name] for name in self.adapter_param_names])
-        spec = self._frozen_direct_spec()
+        spec = bnb_cpu.compiled_spec(self.base_layer)
         held = self._compiled_weights
         if held is not None and held[2] == stamp and held[3] == spec:
             return False
         with torch.no_grad():
             self.__dict__["_compiled_weights"] = (*self.compiled_weights(*self.fused_weights()), stamp, spec)
         return True
-
-    def _frozen_direct_spec(self) -> tuple[int, int] | None:
-        """:func:`qmoe.kernels.bnb_cpu.direct_spec` of the frozen layer for compiled graphs (packing it for
-        bitsandbytes' CPU kernel first), or None where the direct call does not apply."""
-        base = self.base_layer
-        if not hasattr(base, "weight") or not bnb_cpu.direct_calls_apply(base.weight.device.type):
-            return None
-        from ..kernels import cpu_decode
-
-        bnb_cpu.pack_for_cpu_kernel(base)
-        module = cpu_decode.kernels()
-        return None if module is None else bnb_cpu.direct_spec(module, base)
 
     def forward_reference(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The training code path (autograd, dropout, auxiliary losses); any mode."""
